@@ -1,0 +1,3 @@
+from oodbench.cli import app
+
+app(prog_name="oodbench")

@@ -1,0 +1,367 @@
+"""The `oodbench` command line: thin wrappers that parse options, call one library function and
+print. Every error caused by input is an `OodbenchError`, printed as one message with its fix."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from oodbench.errors import OodbenchError
+
+app = typer.Typer(
+    name="oodbench",
+    help="Benchmark out-of-distribution detection for image classifiers.\n\n"
+         "Typical use: `oodbench run` (train, calibrate, score and report the embedded `digits` "
+         "benchmark), or step by step: `oodbench train --benchmark digits --loss dismax`, "
+         "`oodbench calibrate RUN`, `oodbench score RUN`, `oodbench report runs/digits`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+DataRoot = Annotated[Path | None, typer.Option(
+    "--data-root", help="Folder with the datasets (default: $OODBENCH_DATA, else ./data).")]
+Device = Annotated[str, typer.Option(
+    help="Torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps...")]
+
+
+def _fail(e: OodbenchError) -> None:
+    from oodbench.console import console
+
+    console.print(f"[bold red]error:[/] {e.message}")
+    if e.hint:
+        console.print(f"[bold]fix:[/] {e.hint}")
+    raise typer.Exit(2)
+
+
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@app.command()
+def train(
+    benchmark: Annotated[str, typer.Option(
+        help="Benchmark name (see `oodbench list benchmarks`) or YAML file.")] = "digits",
+    loss: Annotated[str, typer.Option(help="Loss (see `oodbench list losses`).")] = "dismax",
+    seed: Annotated[int, typer.Option(help="Random seed of this run.")] = 0,
+    epochs: Annotated[int | None, typer.Option(
+        help="Override the benchmark's number of epochs.")] = None,
+    run_dir: Annotated[Path | None, typer.Option(
+        help="Run folder (default: runs/BENCHMARK/LOSS-seedSEED). An existing one resumes.")] = None,
+    data_root: DataRoot = None,
+    device: Device = "auto",
+) -> None:
+    """Train one model with one loss; resumes if the run folder holds an unfinished checkpoint.
+
+    Example: `oodbench train --benchmark digits --loss dismax --seed 1`
+    """
+    try:
+        _train(benchmark, loss, seed, epochs, run_dir, data_root, device)
+    except OodbenchError as e:
+        _fail(e)
+
+
+def _train(benchmark: str, loss: str, seed: int, epochs: int | None, run_dir: Path | None,
+           data_root: Path | None, device: str) -> Path:
+    from oodbench.config import RunConfig, load_benchmark
+    from oodbench.console import RichTrainReporter, console, make_progress
+    from oodbench.data import DataContext
+    from oodbench.experiment import pick_device
+    from oodbench.losses import LOSSES
+    from oodbench.runs import Run, default_run_dir
+    from oodbench.train import train as train_loop
+
+    if run_dir is not None and (run_dir / "config.yaml").exists():
+        run = Run.open(run_dir)
+    else:
+        bench = load_benchmark(benchmark)
+        LOSSES.get(loss)
+        if epochs is not None:
+            bench.train.epochs = epochs
+        cfg = RunConfig(bench, loss, seed, dict(bench.loss_options.get(loss, {})))
+        run = Run.create(run_dir or default_run_dir(cfg), cfg)
+    cfg = run.config()
+    dev = pick_device(device)
+    label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"
+    if run.is_trained():
+        console.print(f"[green]{label} is already trained[/] ({run.path})")
+        return run.path
+    console.print(f"training {label} · model {cfg.benchmark.model} · device {dev} · "
+                  f"{cfg.benchmark.train.epochs} epochs → {run.path}")
+    try:
+        with make_progress() as p:
+            history = train_loop(run, DataContext.resolve(data_root), dev,
+                                 RichTrainReporter(p, label))
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted; checkpoint saved. Run the same command to resume "
+                      f"({run.path}).")
+        raise typer.Exit(130) from None
+    last = history[-1]
+    console.print(f"[green]done[/] {label}: val accuracy {last['val_accuracy']:.1%}")
+    return run.path
+
+
+@app.command()
+def calibrate(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder made by `oodbench train`.")],
+    objective: Annotated[str, typer.Option(help="nll (default) or ece (15 bins).")] = "nll",
+    data_root: DataRoot = None,
+    device: Device = "auto",
+) -> None:
+    """Fit a temperature on the validation split (never the test split) and store it.
+
+    Example: `oodbench calibrate runs/digits/dismax-seed0 --objective ece`
+    """
+    try:
+        _calibrate(run_dir, objective, data_root, device)
+    except OodbenchError as e:
+        _fail(e)
+
+
+def _calibrate(run_dir: Path, objective: str, data_root: Path | None, device: str) -> None:
+    from oodbench.console import console, out, progress_factory
+    from oodbench.data import DataContext
+    from oodbench.experiment import pick_device
+    from oodbench.pipeline import calibrate_run
+    from oodbench.runs import Run
+
+    run = Run.open(run_dir)
+    with progress_factory() as pf:
+        res = calibrate_run(run, DataContext.resolve(data_root), pick_device(device), objective,
+                            pf)
+    t = Table(title=f"calibration of {run_dir} on {res['split']} ({res['n']} samples)")
+    for c in ("", "accuracy", "ECE", "NLL"):
+        t.add_column(c, justify="right")
+    for k in ("before", "after"):
+        m = res[k]
+        t.add_row(k, f"{m['accuracy']:.2%}", f"{m['ece']:.2%}", f"{m['nll']:.4f}")
+    out.print(t)
+    out.print(f"temperature T = {res['temperature']:.4f} (objective {objective})")
+    if res["at_bound"]:
+        console.print("[yellow]warning: the temperature stopped at a search bound; the "
+                      "validation split may be too small or the model degenerate")
+
+
+@app.command()
+def score(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder made by `oodbench train`.")],
+    detector: Annotated[list[str] | None, typer.Option(
+        "--detector", "-d",
+        help="Detector to score (repeatable; default: the benchmark's list).")] = None,
+    calibrated: Annotated[bool, typer.Option(
+        help="Use the run's calibrated temperature in probability-based scores.")] = False,
+    data_root: DataRoot = None,
+    device: Device = "auto",
+) -> None:
+    """Score detectors on the in-distribution test set and every OOD set; write metrics.json.
+
+    Forward outputs are cached in the run folder, so scoring again (or with other gradient-free
+    detectors) runs no forward pass.
+
+    Example: `oodbench score runs/digits/dismax-seed0 -d msp -d mmles`
+    """
+    try:
+        _score(run_dir, detector, calibrated, data_root, device)
+    except OodbenchError as e:
+        _fail(e)
+
+
+def _score(run_dir: Path, detectors: list[str] | None, calibrated: bool, data_root: Path | None,
+           device: str) -> None:
+    from oodbench.console import console, out, progress_factory
+    from oodbench.data import DataContext
+    from oodbench.experiment import pick_device
+    from oodbench.pipeline import score_run
+    from oodbench.runs import Run
+
+    run = Run.open(run_dir)
+    with progress_factory() as pf:
+        m = score_run(run, DataContext.resolve(data_root), pick_device(device), detectors,
+                      calibrated, pf)
+    hits = [line for line in m["forward_log"] if line.endswith("cache hit")]
+    if hits and len(hits) == len(m["forward_log"]):
+        console.print("[green]all outputs from the cache: no forward pass was run")
+    else:
+        for line in m["forward_log"]:
+            console.print(f"  {line}")
+    t = Table(title=f"{run_dir}: AUROC / FPR@95%TPR (%)")
+    t.add_column("detector")
+    for o in m["ood_sets"]:
+        t.add_column(o, justify="right")
+    for d, r in m["detectors"].items():
+        t.add_row(d, *[f"{r['ood'][o]['auroc']:.1%} / {r['ood'][o]['fpr_at_tpr95']:.1%}"
+                       for o in m["ood_sets"]])
+    out.print(t)
+    out.print(f"test accuracy {m['classification']['uncalibrated']['accuracy']:.2%}; "
+              f"metrics in {run.metrics_path}")
+
+
+@app.command()
+def report(
+    paths: Annotated[list[Path] | None, typer.Argument(
+        help="Run folders or folders of runs (default: runs/).")] = None,
+    metric: Annotated[list[str] | None, typer.Option(
+        help="Metric(s) to show (repeatable): auroc, fpr_at_tpr95, tnr_at_tpr95, dtacc, "
+             "aupr_in, aupr_out.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Folder for report.json and report.md (default: first path).")
+    ] = None,
+) -> None:
+    """Print the comparison table (mean ± std over seeds) and write it as JSON and Markdown.
+
+    Example: `oodbench report runs/digits --metric auroc --metric fpr_at_tpr95`
+    """
+    try:
+        _report(paths or [Path("runs")], tuple(metric or ("auroc", "fpr_at_tpr95")), output)
+    except OodbenchError as e:
+        _fail(e)
+
+
+def _report(paths: list[Path], metrics: tuple[str, ...], output: Path | None) -> None:
+    from oodbench.console import out
+    from oodbench.io import write_json, write_text
+    from oodbench.metrics import OOD_METRICS
+    from oodbench.report import best_rows, build_report, find_metrics, fmt, to_markdown
+
+    for m in metrics:
+        if m not in OOD_METRICS:
+            raise OodbenchError(f"unknown metric {m!r}", f"use one of: {', '.join(OOD_METRICS)}")
+    rep = build_report(find_metrics(paths))
+    for g in rep.groups:
+        acc = ", ".join(f"{loss} {fmt(c['accuracy'])}%" for loss, c in g["classification"].items())
+        for m in metrics:
+            best = best_rows(g, m)
+            t = Table(title=f"{g['benchmark']} · {g['in_distribution']} · {g['model']} · {m} (%)",
+                      caption=f"test accuracy: {acc}")
+            t.add_column("loss")
+            t.add_column("detector")
+            cols = list(g["ood_sets"])
+            for c in cols:
+                t.add_column(f"{c}\n({g['ood_sets'][c]})", justify="right")
+            t.add_column("mean", justify="right")
+            for r in g["rows"]:
+                cells = []
+                for c in [*cols, "mean"]:
+                    cell = r["mean"][m] if c == "mean" else r["ood"].get(c, {}).get(m)
+                    s = fmt(cell)
+                    if cell and abs(cell["mean"] - best.get(c, float("nan"))) < 1e-12:
+                        s = f"[bold green]{s}[/]"
+                    cells.append(s)
+                t.add_row(r["loss"], r["detector"], *cells)
+            out.print(t)
+    dest = output or (paths[0] if paths[0].is_dir() else paths[0].parent)
+    write_json(dest / "report.json", rep.to_dict())
+    write_text(dest / "report.md", to_markdown(rep, metrics))
+    out.print(f"wrote {dest / 'report.json'} and {dest / 'report.md'}")
+
+
+@app.command()
+def run(
+    benchmark: Annotated[str, typer.Argument(
+        help="Benchmark name or YAML file (default: the embedded `digits`).")] = "digits",
+    loss: Annotated[list[str] | None, typer.Option(
+        help="Only these losses (repeatable; default: the benchmark's).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Use the first N of the benchmark's seeds.")
+                     ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override the number of epochs.")] = None,
+    runs_root: Annotated[Path, typer.Option(help="Folder for the run folders.")] = Path("runs"),
+    data_root: DataRoot = None,
+    device: Device = "auto",
+) -> None:
+    """Train, calibrate, score and report a whole benchmark (every loss × seed).
+
+    Finished steps are skipped, so an interrupted `run` continues where it stopped.
+
+    Example: `oodbench run` (embedded digits, no download) ·
+    `oodbench run benchmarks/mnist.yaml --data-root ../shared/data`
+    """
+    try:
+        _run(benchmark, loss, seeds, epochs, runs_root, data_root, device)
+    except OodbenchError as e:
+        _fail(e)
+
+
+def _run(benchmark: str, losses: list[str] | None, seeds: int | None, epochs: int | None,
+         runs_root: Path, data_root: Path | None, device: str) -> None:
+    from oodbench.config import RunConfig, load_benchmark
+    from oodbench.console import console, progress_factory
+    from oodbench.data import DataContext
+    from oodbench.experiment import pick_device
+    from oodbench.pipeline import calibrate_run, score_run
+    from oodbench.runs import Run, default_run_dir
+
+    bench = load_benchmark(benchmark)
+    if epochs is not None:
+        bench.train.epochs = epochs
+    ctx = DataContext.resolve(data_root)
+    dev = pick_device(device)
+    chosen = losses or bench.losses
+    run_dirs = []
+    for loss in chosen:
+        for seed in bench.seeds[:seeds] if seeds else bench.seeds:
+            cfg = RunConfig(bench, loss, seed, dict(bench.loss_options.get(loss, {})))
+            path = default_run_dir(cfg, runs_root)
+            Run.create(path, cfg)
+            _train(bench.name, loss, seed, None, path, data_root, device)
+            run_dir = Run.open(path)
+            with progress_factory() as pf:
+                cal = calibrate_run(run_dir, ctx, dev, "nll", pf)
+                console.print(f"calibrated {loss}/seed{seed}: T = {cal['temperature']:.3f}")
+                score_run(run_dir, ctx, dev, None, False, pf)
+            run_dirs.append(path)
+    _report([runs_root / bench.name], ("auroc", "fpr_at_tpr95"), None)
+
+
+@app.command("list")
+def list_(
+    what: Annotated[str, typer.Argument(
+        help="losses, detectors, models, datasets or benchmarks.")] = "all",
+) -> None:
+    """List what the registries hold (each is the one place to add a member)."""
+    try:
+        _list(what)
+    except OodbenchError as e:
+        _fail(e)
+
+
+def _list(what: str) -> None:
+    from oodbench.config import available_benchmarks
+    from oodbench.console import out
+    from oodbench.data import DATASETS
+    from oodbench.detectors import DETECTORS
+    from oodbench.losses import LOSSES
+    from oodbench.models import MODELS
+
+    tables = {
+        "losses": [(n, s.summary) for n, s in LOSSES.items()],
+        "detectors": [(n, f"{c.summary} · needs {', '.join(sorted(c.needs))}"
+                       + (" · fit on in-dist train" if c.requires_fit else ""))
+                      for n, c in DETECTORS.items()],
+        "models": [(n, s.summary) for n, s in MODELS.items()],
+        "datasets": [(n, s.summary) for n, s in DATASETS.items()],
+        "benchmarks": [(n, str(p)) for n, p in available_benchmarks().items()],
+    }
+    if what != "all" and what not in tables:
+        raise OodbenchError(f"cannot list {what!r}", f"use one of: all, {', '.join(tables)}")
+    for name, rows in tables.items():
+        if what in ("all", name):
+            t = Table(title=name)
+            t.add_column("name")
+            t.add_column("description")
+            for r in rows:
+                t.add_row(*r)
+            out.print(t)
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="oodbench")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

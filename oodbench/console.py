@@ -1,0 +1,62 @@
+"""Rich progress bars and console for the CLI (the library itself never prints)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from oodbench.train import EpochStats, StepReporter
+
+console = Console(stderr=True)
+out = Console()
+
+
+def make_progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                    console=console, transient=False)
+
+
+@contextmanager
+def progress_factory() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """Yields `new(description, total) -> advance(n)` for the pipeline's loops."""
+    with make_progress() as p:
+
+        def new(description: str, total: int) -> Callable[[int], None]:
+            task = p.add_task(description, total=total, info="")
+            return lambda n: p.advance(task, n)
+
+        yield new
+
+
+class RichTrainReporter(StepReporter):
+    def __init__(self, progress: Progress, label: str) -> None:
+        self.p, self.label = progress, label
+        self.epoch_task = self.step_task = None
+
+    def start(self, epochs: int, steps_per_epoch: int, epoch: int, step: int) -> None:
+        if epoch or step:
+            console.print(f"[yellow]resuming {self.label} at epoch {epoch + 1}, step {step}")
+        self.epoch_task = self.p.add_task(f"{self.label} epochs", total=epochs,
+                                          completed=epoch, info="")
+        self.step_task = self.p.add_task("  steps", total=steps_per_epoch, completed=step,
+                                         info="")
+
+    def step(self, loss: float, accuracy: float, images_per_second: float) -> None:
+        self.p.update(self.step_task, advance=1,
+                      info=f"loss {loss:.3f} · acc {accuracy:.1%} · {images_per_second:.0f} img/s")
+
+    def epoch_end(self, stats: EpochStats) -> None:
+        self.p.update(self.epoch_task, advance=1,
+                      info=f"val acc {stats.val_accuracy:.1%} · loss {stats.loss:.3f}")
+        self.p.reset(self.step_task, info="")

@@ -1,0 +1,28 @@
+"""User-facing errors: each names what went wrong and how to fix it.
+
+The CLI prints an `OodbenchError` as one clean message (no traceback) and exits with code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class OodbenchError(Exception):
+    """An error caused by the user's input or environment, with a hint naming the fix."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  fix: {self.hint}" if self.hint else self.message
+
+
+class UnknownNameError(OodbenchError, KeyError):
+    """A registry lookup for a name that is not registered."""
+
+    def __init__(self, kind: str, name: str, valid: list[str]) -> None:
+        super().__init__(
+            f"unknown {kind} {name!r}",
+            f"use one of: {', '.join(valid)}" if valid else f"no {kind} is registered",
+        )
+        self.kind, self.name, self.valid = kind, name, valid

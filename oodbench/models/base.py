@@ -1,0 +1,89 @@
+"""A classifier = backbone (features + named block outputs) + head (from the loss).
+
+`forward(x)` returns logits, so a `Classifier` drops into any PyTorch loop. `forward_all` returns
+logits, penultimate features and any requested block outputs from the SAME pass, which is what
+lets one forward pass serve every gradient-free detector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from oodbench.errors import OodbenchError
+from oodbench.registry import Registry
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    features: torch.Tensor
+    blocks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Backbone(nn.Module):
+    """Feature extractor. Subclasses set `feature_dim` and `block_names`, and implement
+    `forward_features(x, taps)` returning (penultimate features N×D, {block name: N×C×H×W})."""
+
+    feature_dim: int
+    block_names: tuple[str, ...] = ()
+
+    def forward_features(self, x: torch.Tensor, taps: Collection[str] = ()
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def check_taps(self, taps: Collection[str]) -> None:
+        unknown = [t for t in taps if t not in self.block_names]
+        if unknown:
+            raise OodbenchError(
+                f"{type(self).__name__} has no block output(s) {unknown}",
+                f"choose from {list(self.block_names)}",
+            )
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def block_names(self) -> tuple[str, ...]:
+        return self.backbone.block_names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features, _ = self.backbone.forward_features(x)
+        return self.head(features)
+
+    def forward_all(self, x: torch.Tensor, taps: Collection[str] = ()) -> ModelOutput:
+        self.backbone.check_taps(taps)
+        features, blocks = self.backbone.forward_features(x, taps)
+        return ModelOutput(self.head(features), features, blocks)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered backbone factory: `build(in_channels, image_size) -> Backbone`."""
+
+    build: Callable[[int, int], Backbone]
+    summary: str
+    image_sizes: tuple[int, ...] = ()  # sizes it is designed for; empty = any
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+
+
+def build_classifier(model: str, head_factory: Callable[[int, int], nn.Module], num_classes: int,
+                     in_channels: int, image_size: int) -> Classifier:
+    """Backbone by name, with the loss's head on top (the head replaces `nn.Linear`)."""
+    spec = MODELS.get(model)
+    if spec.image_sizes and image_size not in spec.image_sizes:
+        raise OodbenchError(
+            f"model {model!r} is built for {list(spec.image_sizes)}-pixel inputs, got {image_size}",
+            "pick a model for this input size (see `oodbench list models`)",
+        )
+    backbone = spec.build(in_channels, image_size)
+    return Classifier(backbone, head_factory(backbone.feature_dim, num_classes))

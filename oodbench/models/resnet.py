@@ -1,0 +1,64 @@
+"""CIFAR-style ResNet-18/34 (3×3 stem, no max-pool; stages of 64/128/256/512 channels), the
+backbone of the IsoMax and DisMax papers' CIFAR experiments."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oodbench.models.base import MODELS, Backbone, ModelSpec
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(Backbone):
+    block_names = ("layer1", "layer2", "layer3", "layer4")
+
+    def __init__(self, depths: tuple[int, int, int, int], in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, cin = [], 64
+        for i, (depth, width) in enumerate(zip(depths, (64, 128, 256, 512), strict=True)):
+            blocks = []
+            for j in range(depth):
+                blocks.append(BasicBlock(cin, width, 2 if (j == 0 and i > 0) else 1))
+                cin = width
+            layers.append(nn.Sequential(*blocks))
+        self.layers = nn.ModuleList(layers)
+        self.feature_dim = 512
+
+    def forward_features(self, x: torch.Tensor, taps: Collection[str] = ()
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = F.relu(self.bn1(self.conv1(x)))
+        blocks = {}
+        for name, layer in zip(self.block_names, self.layers, strict=True):
+            x = layer(x)
+            if name in taps:
+                blocks[name] = x
+        return x.mean(dim=(2, 3)), blocks
+
+
+MODELS.add("resnet18", ModelSpec(lambda c, s: CifarResNet((2, 2, 2, 2), c),
+                                 "CIFAR ResNet-18 (11M parameters); a GPU model"))
+MODELS.add("resnet34", ModelSpec(lambda c, s: CifarResNet((3, 4, 6, 3), c),
+                                 "CIFAR ResNet-34 (21M parameters), the papers' model; a GPU model"))
