@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oodbench.data.base import DataContext, DatasetSource
-from oodbench.data.decoded import stat_signature
 from oodbench.errors import OodbenchError
 
 PRESENT, MISSING, MISMATCH = "present", "missing", "checksum mismatch"
@@ -31,21 +30,27 @@ class Resource:
     folder: bool = False
 
 
-def walk_files(folder: Path) -> list[Path]:
-    """Every regular file under `folder`, sorted by path bytes (the MD5SUMS order); no dotfiles."""
-    out: list[Path] = []
-    stack = [folder]
+def walk_files(folder: Path) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every regular file under `folder`, sorted by path bytes (the
+    MD5SUMS order); dotfiles skipped. One scandir pass: fast on folders of 60k files."""
+    out: list[tuple[str, int, int]] = []
+    stack = [str(folder)]
     while stack:
         with os.scandir(stack.pop()) as it:
             for e in it:
                 if e.name.startswith("."):
                     continue
                 if e.is_dir():
-                    stack.append(Path(e.path))
+                    stack.append(e.path)
                 elif e.is_file():
-                    out.append(Path(e.path))
-    out.sort(key=lambda p: os.fsencode(p))
+                    st = e.stat()
+                    out.append((e.path, st.st_size, st.st_mtime_ns))
+    out.sort(key=lambda t: os.fsencode(t[0]))
     return out
+
+
+def files_signature(files: list[tuple[str, int, int]]) -> str:
+    return hashlib.sha256("\n".join(f"{p}\0{s}\0{m}" for p, s, m in files).encode()).hexdigest()
 
 
 def md5_file(path: Path) -> str:
@@ -57,9 +62,16 @@ def md5_file(path: Path) -> str:
 
 
 def md5_folder(root: Path, folder: Path) -> str:
-    lines = "".join(f"{md5_file(p)}  {p.relative_to(root).as_posix()}\n"
-                    for p in walk_files(folder))
+    lines = "".join(f"{md5_file(Path(p))}  {Path(p).relative_to(root).as_posix()}\n"
+                    for p, _, _ in walk_files(folder))
     return hashlib.md5(lines.encode()).hexdigest()
+
+
+def _stat_files(p: Path, folder: bool) -> list[tuple[str, int, int]]:
+    if folder:
+        return walk_files(p)
+    st = p.stat()
+    return [(str(p), st.st_size, st.st_mtime_ns)]
 
 
 class _ChecksumMemo:
@@ -113,8 +125,7 @@ class FileSource(DatasetSource):
             if r.md5 is None:
                 continue
             p = self.locate(ctx, r.path)
-            files = walk_files(p) if r.folder else [p]
-            sig = stat_signature(files)
+            sig = files_signature(_stat_files(p, r.folder))
             got = memo.get(p, sig)
             if got is None:
                 got = md5_folder(Path(ctx.root), p) if r.folder else md5_file(p)
@@ -127,10 +138,8 @@ class FileSource(DatasetSource):
         total = 0
         for r in self.resources_for(ctx):
             p = self.locate(ctx, r.path)
-            if r.folder and p.is_dir():
-                total += sum(f.stat().st_size for f in walk_files(p))
-            elif p.is_file():
-                total += p.stat().st_size
+            if (p.is_dir() if r.folder else p.is_file()):
+                total += sum(size for _, size, _ in _stat_files(p, r.folder))
         return total
 
     def how_to_get(self) -> str:

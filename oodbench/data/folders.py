@@ -286,9 +286,9 @@ class OdinFolder(ImageFolderSource):
         super().__init_subclass__(**kw)
         folder = cls.split_dirs["test"]
         cls.resources = (Resource(folder, None, folder=True),)
-        cls.obtain = (f"download {folder}.tar.gz from the ODIN repository "
-                      "(github.com/facebookresearch/odin, 'Downloading Out-of-Distribtion "
-                      f"Datasets') and extract it into the data root as {folder}/")
+        cls.obtain = (f"download {folder}.tar.gz (links in the README of "
+                      "github.com/facebookresearch/odin) and extract it into the data root "
+                      f"as {folder}/")
 
 
 @register_dataset("lsun-resize")
