@@ -145,17 +145,20 @@ class FileSource(DatasetSource):
     def how_to_get(self) -> str:
         return self.obtain
 
-    def require(self, ctx: DataContext, name: str) -> None:
-        """Raise naming every missing file, with how to get them, unless downloading is allowed
-        and this source can download."""
-        gone = self.missing(ctx)
-        if gone and ctx.download and self.can_download:
+    def require(self, ctx: DataContext, name: str, only: tuple[str, ...] | None = None) -> None:
+        """Raise naming every missing file (of the resources `only`, when given), with how to
+        get them, unless downloading is allowed and this source can download."""
+
+        def gone() -> list[Path]:
+            wanted = None if only is None else {self.locate(ctx, r) for r in only}
+            return [p for p in self.missing(ctx) if wanted is None or p in wanted]
+
+        if gone() and ctx.download and self.can_download:
             self.download(ctx)
-            gone = self.missing(ctx)
-        if gone:
+        if missing := gone():
             raise OodbenchError(
                 f"dataset {name!r} is missing under data root {ctx.root}: "
-                + ", ".join(str(p) for p in gone),
+                + ", ".join(str(p) for p in missing),
                 self.how_to_get())
 
     can_download = False

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -92,17 +94,35 @@ def list_folder(folder: Path, labelled: bool | None = None) -> Listing:
 TORCH_DECODABLE = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp"})
 
 
+@lru_cache(maxsize=1)
+def _torch_decoder():
+    """torchvision's decode_image, or None where this torchvision no longer has it (its image
+    codecs are deprecated since 0.29 in favour of TorchCodec); PIL then decodes everything."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_image
+    except ImportError:
+        return None
+
+    def decode(data: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():  # the deprecation warning is raised on every call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(data, mode=ImageReadMode.UNCHANGED)
+
+    return decode
+
+
 def _decode_one(path: str) -> np.ndarray:
     """One image as uint8 C×H×W, C = 1 (gray) or 3 (colour; alpha dropped). torchvision's
     decoder for JPEG / PNG / GIF / WebP (about twice as fast as PIL on small images), PIL for
     the rest. Any failure names the file."""
     try:
-        if os.path.splitext(path)[1].lower() in TORCH_DECODABLE:
-            from torchvision.io import ImageReadMode, decode_image
-
+        decode = _torch_decoder()
+        if decode is not None and os.path.splitext(path)[1].lower() in TORCH_DECODABLE:
             with open(path, "rb") as f:
                 data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-            x = decode_image(data, mode=ImageReadMode.UNCHANGED)
+            x = decode(data)
             if x.dim() == 4:  # animated GIF: first frame
                 x = x[0]
             arr = x.numpy()
@@ -182,7 +202,7 @@ class ImageFolderSource(FileSource):
 
     def load(self, split: str, ctx: DataContext, like: DatasetInfo | None = None) -> ImageSet:
         self.check_split(self.name, split)
-        self.require(ctx, self.name)
+        self.require(ctx, self.name, only=(self.split_dirs[split],))
         folder = self.locate(ctx, self.split_dirs[split])
         images, labels, classes = load_folder(ctx, f"{self.name}-{split}", folder,
                                               self.labelled, self.crop_to)
@@ -335,6 +355,9 @@ class UserFolder(FileSource):
 
     def resources_for(self, ctx: DataContext) -> tuple[Resource, ...]:
         return (Resource(str(self.path), None, folder=True),)
+
+    def missing(self, ctx: DataContext) -> list[Path]:
+        return [] if self.path.is_dir() else [self.path]  # an empty folder fails at load
 
     def _folder(self, split: str) -> Path:
         return self.path / split if self._split_root else self.path

@@ -76,8 +76,9 @@ class IdxSource(FileSource):
 
     def load(self, split: str, ctx: DataContext, like: DatasetInfo | None = None) -> ImageSet:
         self.check_split(self.name, split)
-        self.require(ctx, self.name)
         img_name, lab_name = idx_names(split)
+        self.require(ctx, self.name, only=tuple(f"{self.folder}/raw/{f}"
+                                                for f in (img_name, lab_name)))
         images = read_idx(self.locate(ctx, f"{self.folder}/raw/{img_name}"))
         labels = read_idx(self.locate(ctx, f"{self.folder}/raw/{lab_name}"))
         if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:

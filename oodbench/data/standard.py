@@ -85,8 +85,9 @@ class CifarSource(FileSource):
 
     def load(self, split: str, ctx: DataContext, like: DatasetInfo | None = None) -> ImageSet:
         self.check_split(self.name, split)
-        self.require(ctx, self.name)
-        paths = [self.locate(ctx, f"{self.folder}/{f}") for f in self.files[split]]
+        rels = tuple(f"{self.folder}/{f}" for f in self.files[split])
+        self.require(ctx, self.name, only=rels)
+        paths = [self.locate(ctx, r) for r in rels]
 
         def decode() -> tuple[np.ndarray, np.ndarray]:
             parts = [read_cifar_batch(p, self.label_key) for p in paths]
@@ -169,9 +170,8 @@ class Svhn(FileSource):
 
     def load(self, split: str, ctx: DataContext, like: DatasetInfo | None = None) -> ImageSet:
         self.check_split("svhn", split)
+        self.require(ctx, "svhn", only=(f"SVHN/{split}_32x32.mat",))
         path = self.locate(ctx, f"SVHN/{split}_32x32.mat")
-        if not path.is_file():
-            self.require(ctx, "svhn")
         images, labels = cached_decode(ctx, f"svhn-{split}", stat_signature([path]),
                                        lambda: read_svhn_mat(path))
         return ImageSet("svhn", images, labels, self.info)
