@@ -76,6 +76,7 @@ def _train(benchmark: str | None, loss: str | None, seed: int | None, epochs: in
     from oodbench.config import RunConfig, load_benchmark
     from oodbench.console import RichTrainReporter, console, make_progress
     from oodbench.data import DataContext
+    from oodbench.data.availability import require_benchmark_data
     from oodbench.experiment import pick_device
     from oodbench.losses import LOSSES
     from oodbench.runs import Run, default_run_dir
@@ -90,6 +91,7 @@ def _train(benchmark: str | None, loss: str | None, seed: int | None, epochs: in
         LOSSES.get(loss)
         if epochs is not None:
             bench.train.epochs = epochs
+        require_benchmark_data(bench, DataContext.resolve(data_root))
         cfg = RunConfig(bench, loss, 0 if seed is None else seed,
                         dict(bench.loss_options.get(loss, {})))
         run = Run.create(run_dir or default_run_dir(cfg), cfg)  # refuses a different config
@@ -215,11 +217,13 @@ def _score(run_dir: Path, detectors: list[str] | None, calibrated: bool, data_ro
            ood_validation: str | None = None) -> None:
     from oodbench.console import console, out, progress_factory
     from oodbench.data import DataContext
+    from oodbench.data.availability import require_benchmark_data
     from oodbench.experiment import pick_device
     from oodbench.pipeline import score_run
     from oodbench.runs import Run
 
     run = Run.open(run_dir)
+    require_benchmark_data(run.config().benchmark, DataContext.resolve(data_root))
     with progress_factory() as pf:
         m = score_run(run, DataContext.resolve(data_root), pick_device(device), detectors,
                       calibrated, pf, parse_params(param), selection, ood_validation)
@@ -340,6 +344,7 @@ def _run(benchmark: str, losses: list[str] | None, seeds: int | None, epochs: in
     from oodbench.config import RunConfig, load_benchmark
     from oodbench.console import console, progress_factory
     from oodbench.data import DataContext
+    from oodbench.data.availability import require_benchmark_data
     from oodbench.experiment import pick_device
     from oodbench.pipeline import calibrate_run, score_run
     from oodbench.runs import Run, default_run_dir
@@ -348,6 +353,7 @@ def _run(benchmark: str, losses: list[str] | None, seeds: int | None, epochs: in
     if epochs is not None:
         bench.train.epochs = epochs
     ctx = DataContext.resolve(data_root)
+    require_benchmark_data(bench, ctx)
     dev = pick_device(device)
     chosen = losses or bench.losses
     run_dirs = []
@@ -364,6 +370,44 @@ def _run(benchmark: str, losses: list[str] | None, seeds: int | None, epochs: in
                 score_run(run_dir, ctx, dev, None, False, pf)
             run_dirs.append(path)
     _report([runs_root / bench.name], ("auroc", "fpr_at_tpr95"), None)
+
+
+@app.command()
+def data(
+    download: Annotated[list[str] | None, typer.Option(
+        "--download", help="Download this dataset into the data root first (repeatable; "
+        "torchvision, needs internet; only mnist, fashionmnist, kmnist, cifar10, cifar100, "
+        "svhn).")] = None,
+    data_root: DataRoot = None,
+) -> None:
+    """List every dataset: status on this machine (present / missing / checksum mismatch),
+    size on disk and how to get it. Nothing is downloaded unless `--download` names it.
+
+    Example: `oodbench data --data-root ../shared/data` · `oodbench data --download cifar10`
+    """
+    try:
+        _data(download or [], data_root)
+    except OodbenchError as e:
+        _fail(e)
+
+
+def _data(download: list[str], data_root: Path | None) -> None:
+    from oodbench.console import out
+    from oodbench.data import DataContext
+    from oodbench.data.status import dataset_statuses, human_size
+    from oodbench.data.status import download as fetch
+
+    ctx = DataContext.resolve(data_root, download=bool(download))
+    fetch(download, ctx)
+    colour = {"present": "green", "missing": "yellow", "checksum mismatch": "bold red"}
+    t = Table(title=f"datasets under {ctx.root.resolve()} (cache: {ctx.cache_root})")
+    for c in ("dataset", "status", "size", "how to get it"):
+        t.add_column(c, justify="right" if c == "size" else "left")
+    for r in dataset_statuses(ctx):
+        t.add_row(r.name, f"[{colour.get(r.status, 'white')}]{r.status}[/]",
+                  human_size(r.size_bytes) if r.size_bytes else "",
+                  "" if r.status == "present" else r.how_to_get)
+    out.print(t)
 
 
 @app.command("list")

@@ -143,6 +143,14 @@ class DatasetSource:
         """'present', 'missing' or 'checksum mismatch' on this machine."""
         return "present"
 
+    def missing(self, ctx: DataContext) -> list[Path]:
+        """Files or folders this dataset needs that are absent (a cheap existence check, run
+        before any training so a benchmark fails up front, listing everything missing)."""
+        return []
+
+    def size_on_disk(self, ctx: DataContext) -> int:
+        return 0
+
     def how_to_get(self) -> str:
         return "built in; nothing to download"
 
