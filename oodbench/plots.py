@@ -150,9 +150,12 @@ def reliability_figure(logits: np.ndarray, labels: np.ndarray, temperature: floa
         conf, acc, count = reliability_bins(lt, yt, t, bins)
         used = count > 0
         ax.bar(centers[used], acc[used], width=width, edgecolor="black", color="tab:blue",
-               alpha=0.8, label="accuracy")
-        ax.bar(centers[used], conf[used] - acc[used], bottom=acc[used], width=width,
-               color="tab:red", alpha=0.35, label="gap to confidence")
+               alpha=0.75, label="accuracy in bin")
+        gap_lo = np.minimum(acc[used], conf[used])
+        ax.bar(centers[used], np.abs(conf[used] - acc[used]), bottom=gap_lo, width=width,
+               fill=False, hatch="//", edgecolor="tab:red", lw=0.8,
+               label="gap to mean confidence")
+        ax.plot(centers[used], conf[used], "_", color="tab:red", ms=12, mew=2)
         ax.plot([0, 1], [0, 1], "--", color="gray", lw=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
