@@ -66,7 +66,8 @@ class Outputs:
 
 
 def _load(path: Path) -> torch.Tensor:
-    return torch.from_numpy(np.load(path, mmap_mode="r"))
+    # copy-on-write map: tensors may be modified in memory, the file never is
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
 
 
 class OutputCache:

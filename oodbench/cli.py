@@ -46,14 +46,18 @@ def _threads() -> None:
 
 @app.command()
 def train(
-    benchmark: Annotated[str, typer.Option(
-        help="Benchmark name (see `oodbench list benchmarks`) or YAML file.")] = "digits",
-    loss: Annotated[str, typer.Option(help="Loss (see `oodbench list losses`).")] = "dismax",
-    seed: Annotated[int, typer.Option(help="Random seed of this run.")] = 0,
+    benchmark: Annotated[str | None, typer.Option(
+        help="Benchmark name (see `oodbench list benchmarks`) or YAML file. [default: digits]")
+    ] = None,
+    loss: Annotated[str | None, typer.Option(
+        help="Loss (see `oodbench list losses`). [default: dismax]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed of this run. [default: 0]")
+                    ] = None,
     epochs: Annotated[int | None, typer.Option(
         help="Override the benchmark's number of epochs.")] = None,
     run_dir: Annotated[Path | None, typer.Option(
-        help="Run folder (default: runs/BENCHMARK/LOSS-seedSEED). An existing one resumes.")] = None,
+        help="Run folder (default: runs/BENCHMARK/LOSS-seedSEED). An existing one resumes.")
+    ] = None,
     data_root: DataRoot = None,
     device: Device = "auto",
 ) -> None:
@@ -67,8 +71,8 @@ def train(
         _fail(e)
 
 
-def _train(benchmark: str, loss: str, seed: int, epochs: int | None, run_dir: Path | None,
-           data_root: Path | None, device: str) -> Path:
+def _train(benchmark: str | None, loss: str | None, seed: int | None, epochs: int | None,
+           run_dir: Path | None, data_root: Path | None, device: str) -> Path:
     from oodbench.config import RunConfig, load_benchmark
     from oodbench.console import RichTrainReporter, console, make_progress
     from oodbench.data import DataContext
@@ -77,15 +81,18 @@ def _train(benchmark: str, loss: str, seed: int, epochs: int | None, run_dir: Pa
     from oodbench.runs import Run, default_run_dir
     from oodbench.train import train as train_loop
 
-    if run_dir is not None and (run_dir / "config.yaml").exists():
-        run = Run.open(run_dir)
+    explicit = (benchmark, loss, seed, epochs) != (None, None, None, None)
+    if run_dir is not None and (run_dir / "config.yaml").exists() and not explicit:
+        run = Run.open(run_dir)  # resume / finish the run as configured
     else:
-        bench = load_benchmark(benchmark)
+        bench = load_benchmark(benchmark or "digits")
+        loss = loss or "dismax"
         LOSSES.get(loss)
         if epochs is not None:
             bench.train.epochs = epochs
-        cfg = RunConfig(bench, loss, seed, dict(bench.loss_options.get(loss, {})))
-        run = Run.create(run_dir or default_run_dir(cfg), cfg)
+        cfg = RunConfig(bench, loss, 0 if seed is None else seed,
+                        dict(bench.loss_options.get(loss, {})))
+        run = Run.create(run_dir or default_run_dir(cfg), cfg)  # refuses a different config
     cfg = run.config()
     dev = pick_device(device)
     label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"

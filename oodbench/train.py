@@ -147,7 +147,7 @@ def train(run: Run, ctx: DataContext, device: torch.device,
                 loss_sum += loss.detach() * len(idx)
                 hard = targets if targets.dim() == 1 else targets[:, 0]
                 correct += (logits.detach().argmax(1) == hard).sum()
-                reporter.step(float(loss), float(correct) / seen,
+                reporter.step(float(loss.detach()), float(correct) / seen,
                               seen / max(time.perf_counter() - tic, 1e-9))
                 if on_step:
                     on_step(steps_this_call)

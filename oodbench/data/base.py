@@ -25,7 +25,7 @@ CACHE_ENV = "OODBENCH_CACHE"
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts about a dataset: shape, classes and the normalisation a model trained on it uses."""
+    """Static facts about a dataset: shape, classes, and the normalisation its models use."""
 
     channels: int
     image_size: int

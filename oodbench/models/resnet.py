@@ -61,4 +61,5 @@ class CifarResNet(Backbone):
 MODELS.add("resnet18", ModelSpec(lambda c, s: CifarResNet((2, 2, 2, 2), c),
                                  "CIFAR ResNet-18 (11M parameters); a GPU model"))
 MODELS.add("resnet34", ModelSpec(lambda c, s: CifarResNet((3, 4, 6, 3), c),
-                                 "CIFAR ResNet-34 (21M parameters), the papers' model; a GPU model"))
+                                 "CIFAR ResNet-34 (21M parameters), the papers' model; a GPU model",
+                                 ))
