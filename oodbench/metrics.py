@@ -12,8 +12,10 @@ and `average_precision_score`.
 
 - `tnr_at_tpr95`: TNR at the ROC point whose TPR is closest to 0.95 (Lee et al.'s rule);
   when two TPRs are equally close (within 1e-9) the higher wins, as in Lee et al.'s `argmin`
-  over a curve ordered from TPR 1 down; among the thresholds giving that TPR the highest (lowest
-  FPR) is taken. `fpr_at_tpr95` = 1 − `tnr_at_tpr95`.
+  over a curve ordered from TPR 1 down; among the thresholds giving that TPR the lowest (highest
+  FPR, the threshold just above the highest rejected in-distribution score) is taken, again as
+  Lee et al.'s walk does; at TPR = 1 the threshold is the lowest in-distribution score. Without
+  ties and below TPR 1 this is exactly their number. `fpr_at_tpr95` = 1 − `tnr_at_tpr95`.
 - `auroc`: trapezoidal area under the ROC curve = P(s_in > s_out) + ½ P(s_in = s_out).
 - `dtacc`: max over thresholds of ½(TPR + TNR), the best balanced detection accuracy.
 - `aupr_in`: average precision (step-wise sum over recall steps of precision) with in-dist
@@ -24,10 +26,8 @@ Mahalanobis code) instead: its ROC walk removes samples one at a time from the l
 and, on equal scores, rejects in-distribution samples before OOD ones, so inside a block of ties
 it passes through points no threshold reaches (TPR lowered, FPR not yet): TNR@95 can land there,
 AUROC counts ties as errors (P(s_in > s_out)), and AUPR integrates precision over recall with the
-trapezoid rule (not average precision). It also takes, among the thresholds giving the chosen
-TPR, the lowest (highest FPR). Without ties both conventions give the same AUROC and DTACC;
-TNR@95 differs by at most the fraction of OOD scores lying between two adjacent in-distribution
-scores (negligible for thousands of samples), AUPR by the integration rule.
+trapezoid rule (not average precision). Without ties both conventions give the same TNR@95,
+AUROC and DTACC; AUPR differs by the integration rule (about 0.1 point).
 """
 
 from __future__ import annotations
@@ -71,10 +71,15 @@ def _roc(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def operating_point(tpr: np.ndarray, target: float = TPR_TARGET) -> int:
-    """Index of the ROC point whose TPR is closest to `target`; the higher TPR on a tie."""
+    """Index of the ROC point whose TPR is closest to `target` (the higher TPR on a tie). Of the
+    points with that TPR: the last (lowest threshold, just above the highest rejected
+    in-distribution score), as Lee et al.; at TPR = 1 no in-distribution score is rejected and
+    the first is taken (threshold = the lowest in-distribution score), where Lee et al.'s walk
+    would accept every OOD sample."""
     dist = np.abs(tpr - target)
     best = np.flatnonzero(dist <= dist.min() + 1e-9)
-    return int(best[np.argmax(tpr[best])])
+    same = best[tpr[best] == tpr[best].max()]
+    return int(same[0] if tpr[same[0]] >= 1.0 else same[-1])
 
 
 def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:

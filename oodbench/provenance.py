@@ -89,6 +89,17 @@ def run_provenance(config: dict[str, Any], datasets: dict[str, str], device: Any
     }
 
 
+def _training_manifest(path: Path) -> dict[str, Any] | None:
+    """The run's manifest.json written by `train` (training data fingerprints, environment),
+    without its per-epoch numbers; None when absent or unreadable."""
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: m[k] for k in ("environment", "data", "epochs") if k in m} if isinstance(m, dict) \
+        else None
+
+
 def report_manifest(metrics: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
     """The manifest every report carries: who made the report, and for each run where its
     numbers come from. Older metrics.json files without `provenance` keep what they have."""
@@ -110,6 +121,7 @@ def report_manifest(metrics: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any
             "config_sha256": prov.get("config_sha256"),
             "config": prov.get("config"),
             "scored": prov.get("created"),
+            "training": _training_manifest(Path(path).parent / "manifest.json"),
         })
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "report_packages": package_versions(),
             "report_git": git_commit(), "command": sys.argv[:], "runs": runs}

@@ -68,6 +68,16 @@ def test_tie_block_threshold_vs_lee():
     assert ood_metrics(pos, neg)["dtacc"] == pytest.approx(lee["dtacc"])
 
 
+def test_operating_point_takes_the_lowest_threshold_at_the_chosen_tpr():
+    # 20 in-dist at 1..20; OOD at 1.5, 1.6, 1.7 lie between the lowest two in-dist scores.
+    # TPR .95 (19 of 20 accepted) holds for any threshold in (1, 2]: Lee et al. (and this
+    # module) take the lowest, accepting all three OOD samples -> FPR 3/4.
+    pos = np.arange(1.0, 21.0)
+    neg = np.array([1.5, 1.6, 1.7, 0.0])
+    assert ood_metrics(pos, neg)["fpr_at_tpr95"] == pytest.approx(0.75)
+    assert ood_metrics(pos, neg, convention="lee")["fpr_at_tpr95"] == pytest.approx(0.75)
+
+
 def _lee_loop(known, novel):
     """A plain loop over Lee et al.'s ROC walk (the published algorithm), as an oracle."""
     known, novel = np.sort(known), np.sort(novel)
@@ -100,12 +110,10 @@ def test_lee_convention_matches_the_walk(ties):
     assert lee["tnr_at_tpr95"] == pytest.approx(tnr)
     assert lee["auroc"] == pytest.approx(auroc)
     assert lee["dtacc"] == pytest.approx(dtacc)
-    if not ties:  # without ties AUROC and DTACC agree; at the same TPR Lee's walk stops at
-        # the lowest threshold (highest FPR), the threshold convention at the highest.
+    if not ties:  # without ties the conventions agree on everything but the AUPR integration
         ours = ood_metrics(pos, neg)
-        for key in ("auroc", "dtacc"):
+        for key in ("tnr_at_tpr95", "auroc", "dtacc"):
             assert ours[key] == pytest.approx(lee[key])
-        assert ours["tnr_at_tpr95"] >= lee["tnr_at_tpr95"]
         assert abs(ours["aupr_in"] - lee["aupr_in"]) < 0.02
 
 

@@ -55,6 +55,8 @@ def write_run(root: Path, loss: str, seed: int, shift: float) -> Path:
         "unknown_future_key": [1, 2, 3],
     }
     (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "manifest.json").write_text(json.dumps(  # what `train` writes
+        {"data": {"train": {"sha256": "e" * 64}}, "epochs": 3, "final": {"loss": 0.1}}))
     return run
 
 
@@ -94,6 +96,8 @@ def test_json_matches_schema_and_aggregates(runs: Path):
     manifest = doc["manifest"]
     assert len(manifest["runs"]) == 4
     assert manifest["runs"][0]["datasets"] == {"digits": "f" * 64}
+    assert manifest["runs"][0]["training"] == {"data": {"train": {"sha256": "e" * 64}},
+                                               "epochs": 3}
     assert manifest["report_packages"]["numpy"] == np.__version__
 
 
