@@ -163,6 +163,17 @@ def score(
         help="Detector to score (repeatable; default: the benchmark's list).")] = None,
     calibrated: Annotated[bool, typer.Option(
         help="Use the run's calibrated temperature in probability-based scores.")] = False,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", "-p",
+        help="Detector hyperparameter DETECTOR.NAME=VALUE (repeatable; VALUE is YAML), e.g. "
+             "odin.T=100, mahalanobis.layer=block2, odin.eps_grid=[0,0.001].")] = None,
+    selection: Annotated[str | None, typer.Option(
+        help="How tuned detectors (odin, mahalanobis*) choose hyperparameters / weights: none "
+             "(defaults), id (in-dist validation only), fgsm (in-dist validation vs FGSM copies; "
+             "no OOD data), ood (needs --ood-validation).")] = None,
+    ood_validation: Annotated[str | None, typer.Option(
+        help="Dataset used as OOD validation data with --selection ood (explicit opt-in).")
+    ] = None,
     data_root: DataRoot = None,
     device: Device = "auto",
 ) -> None:
@@ -171,16 +182,37 @@ def score(
     Forward outputs are cached in the run folder, so scoring again (or with other gradient-free
     detectors) runs no forward pass.
 
-    Example: `oodbench score runs/digits/dismax-seed0 -d msp -d mmles`
+    Example: `oodbench score runs/digits/dismax-seed0 -d msp -d mmles` ·
+    `oodbench score RUN -d odin --selection fgsm` · `oodbench score RUN -d odin -p odin.T=100`
     """
     try:
-        _score(run_dir, detector, calibrated, data_root, device)
+        _score(run_dir, detector, calibrated, data_root, device, param, selection,
+               ood_validation)
     except OodbenchError as e:
         _fail(e)
 
 
+def parse_params(items: list[str] | None) -> dict[str, dict[str, object]]:
+    """["odin.T=100", ...] → {"odin": {"T": 100}}; values are parsed as YAML."""
+    import yaml
+
+    out: dict[str, dict[str, object]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        det, dot, name = key.rpartition(".")
+        if not (sep and dot and det and name):
+            raise OodbenchError(f"bad --param {item!r}",
+                                "write DETECTOR.NAME=VALUE, e.g. odin.T=100")
+        try:
+            out.setdefault(det, {})[name] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise OodbenchError(f"bad value in --param {item!r}: {e}") from None
+    return out
+
+
 def _score(run_dir: Path, detectors: list[str] | None, calibrated: bool, data_root: Path | None,
-           device: str) -> None:
+           device: str, param: list[str] | None = None, selection: str | None = None,
+           ood_validation: str | None = None) -> None:
     from oodbench.console import console, out, progress_factory
     from oodbench.data import DataContext
     from oodbench.experiment import pick_device
@@ -190,7 +222,7 @@ def _score(run_dir: Path, detectors: list[str] | None, calibrated: bool, data_ro
     run = Run.open(run_dir)
     with progress_factory() as pf:
         m = score_run(run, DataContext.resolve(data_root), pick_device(device), detectors,
-                      calibrated, pf)
+                      calibrated, pf, parse_params(param), selection, ood_validation)
     hits = [line for line in m["forward_log"] if line.endswith("cache hit")]
     if hits and len(hits) == len(m["forward_log"]):
         console.print("[green]all outputs from the cache: no forward pass was run")
@@ -201,10 +233,19 @@ def _score(run_dir: Path, detectors: list[str] | None, calibrated: bool, data_ro
     t.add_column("detector")
     for o in m["ood_sets"]:
         t.add_column(o, justify="right")
+    t.add_column("cost", justify="right")
     for d, r in m["detectors"].items():
         t.add_row(d, *[f"{r['ood'][o]['auroc']:.1%} / {r['ood'][o]['fpr_at_tpr95']:.1%}"
-                       for o in m["ood_sets"]])
+                       if o in r["ood"] else "n/a" for o in m["ood_sets"]],
+                  f"{r.get('cost', float('nan')):.2f}×")
     out.print(t)
+    for d, r in m["detectors"].items():
+        for s, n in r.get("nonfinite", {}).items():
+            console.print(f"[bold red]{d}: {n} NaN/infinite score(s) on {s}; no metric computed")
+        sel = r.get("selection", {})
+        if sel.get("mode", "none") != "none":
+            console.print(f"{d}: selection {sel['mode']} on {sel.get('validation')} vs "
+                          f"{sel.get('negatives')}: {sel.get('chosen', sel.get('weights'))}")
     out.print(f"test accuracy {m['classification']['uncalibrated']['accuracy']:.2%}; "
               f"metrics in {run.metrics_path}")
 

@@ -170,4 +170,20 @@ def train(run: Run, ctx: DataContext, device: torch.device,
     except KeyboardInterrupt:
         save_checkpoint(run, _checkpoint(model, optimizer, epoch, step, history, False))
         raise
+    write_manifest(run, device, {"train": train_set, "val": val_set}, history)
     return history
+
+
+def write_manifest(run: Run, device: torch.device, data: dict[str, ImageSet],
+                   history: list[dict[str, Any]]) -> None:
+    """Provenance of the trained weights: versions, device, data fingerprints, final numbers."""
+    from oodbench.io import write_json
+    from oodbench.pipeline import environment
+
+    write_json(run.manifest_path, {
+        "environment": {**environment(), "device": str(device)},
+        "data": {k: {"name": d.name, "n": len(d), "sha256": d.fingerprint()}
+                 for k, d in data.items()},
+        "epochs": len(history),
+        "final": history[-1] if history else None,
+    })

@@ -24,6 +24,9 @@ def test_train_calibrate_score_report(tiny_benchmark, tmp_path):
     assert (run_dir / "checkpoint.pt").exists()
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["finished"] and ckpt["epoch"] == 2
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["data"]["train"]["n"] > manifest["data"]["val"]["n"] > 0
+    assert manifest["environment"]["torch"] == torch.__version__
     assert "already trained" in invoke("train", "--run-dir", run_dir).output
 
     r = invoke("calibrate", run_dir)
