@@ -260,58 +260,65 @@ def report(
         help="Run folders or folders of runs (default: runs/).")] = None,
     metric: Annotated[list[str] | None, typer.Option(
         help="Metric(s) to show (repeatable): auroc, fpr_at_tpr95, tnr_at_tpr95, dtacc, "
-             "aupr_in, aupr_out.")] = None,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Folder for report.json and report.md (default: first path).")
+             "aupr_in, aupr_out. Tables default to auroc and fpr_at_tpr95, data to all.")
     ] = None,
+    ood: Annotated[list[str] | None, typer.Option(help="Only these OOD sets (repeatable).")
+                   ] = None,
+    detector: Annotated[list[str] | None, typer.Option(
+        "--detector", "-d", help="Only these detectors (repeatable).")] = None,
+    loss: Annotated[list[str] | None, typer.Option(help="Only these losses (repeatable).")
+                    ] = None,
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", help="What to print: rich, markdown, csv or json.")] = "rich",
+    style: Annotated[str, typer.Option(
+        help="table (rows = loss + detector) or paper (SoftMax+MSP, SoftMax+entropy and "
+             "DisMax+MMLES side by side, as the IsoMax / DisMax tables).")] = "table",
+    pair: Annotated[list[str] | None, typer.Option(
+        help="LOSS:DETECTOR pairs for --style paper (repeatable).")] = None,
+    compare: Annotated[tuple[Path, Path] | None, typer.Option(
+        help="RUN_A RUN_B: show B − A for every shared cell (each a run or folder of runs).")
+    ] = None,
+    plots: Annotated[Path | None, typer.Option(
+        help="Write PNG histograms, ROC curves and reliability diagrams into this folder.")
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(
+        help="Bootstrap replicates for a 95 % AUROC interval (0 = off; e.g. 1000).")] = 0,
+    fail_under: Annotated[list[str] | None, typer.Option(
+        help="Gate METRIC[:QUALIFIER]=VALUE: exit 1 if a selected cell is below VALUE, e.g. "
+             "auroc=0.90, auroc:gaussian=0.95, auroc:msp:mean=0.9 (repeatable).")] = None,
+    fail_over: Annotated[list[str] | None, typer.Option(
+        help="Gate METRIC[:QUALIFIER]=VALUE: exit 1 if a selected cell is above VALUE, e.g. "
+             "fpr_at_tpr95=0.30, ece=0.05, cost:odin=3 (repeatable).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Folder for report.json/.md/.csv (default: the first path).")
+    ] = None,
+    write: Annotated[bool, typer.Option(help="Write the report files.")] = True,
 ) -> None:
-    """Print the comparison table (mean ± std over seeds) and write it as JSON and Markdown.
+    """Compare runs (mean ± std over seeds), write it as JSON, Markdown and CSV, and gate CI.
 
-    Example: `oodbench report runs/digits --metric auroc --metric fpr_at_tpr95`
+    Exit code 0: all gates pass; 1: a gate failed (the failed cells are printed); 2: bad input.
+
+    Examples: `oodbench report runs/digits --metric auroc -d msp -d mmles` ·
+    `oodbench report runs/digits --fail-under auroc=0.90 --fail-over fpr_at_tpr95=0.30` ·
+    `oodbench report --compare runs/old runs/new` · `oodbench report runs/digits --plots figs`
     """
+    from oodbench.report_command import ReportOptions, run_report
+
     try:
-        _report(paths or [Path("runs")], tuple(metric or ("auroc", "fpr_at_tpr95")), output)
+        opts = ReportOptions(metric, ood, detector, loss, fmt, style, pair, compare, plots,
+                             bootstrap, fail_under or [], fail_over or [], output, write)
+        code = run_report(paths or [Path("runs")], opts)
     except OodbenchError as e:
         _fail(e)
+    if code:
+        raise typer.Exit(code)
 
 
 def _report(paths: list[Path], metrics: tuple[str, ...], output: Path | None) -> None:
-    from oodbench.console import out
-    from oodbench.io import write_json, write_text
-    from oodbench.metrics import OOD_METRICS
-    from oodbench.report import best_rows, build_report, find_metrics, fmt, to_markdown
+    from oodbench.report_command import ReportOptions, run_report
 
-    for m in metrics:
-        if m not in OOD_METRICS:
-            raise OodbenchError(f"unknown metric {m!r}", f"use one of: {', '.join(OOD_METRICS)}")
-    rep = build_report(find_metrics(paths))
-    for g in rep.groups:
-        acc = ", ".join(f"{loss} {fmt(c['accuracy'])}%" for loss, c in g["classification"].items())
-        for m in metrics:
-            best = best_rows(g, m)
-            t = Table(title=f"{g['benchmark']} · {g['in_distribution']} · {g['model']} · {m} (%)",
-                      caption=f"test accuracy: {acc}")
-            t.add_column("loss")
-            t.add_column("detector")
-            cols = list(g["ood_sets"])
-            for c in cols:
-                t.add_column(f"{c}\n({g['ood_sets'][c]})", justify="right")
-            t.add_column("mean", justify="right")
-            for r in g["rows"]:
-                cells = []
-                for c in [*cols, "mean"]:
-                    cell = r["mean"][m] if c == "mean" else r["ood"].get(c, {}).get(m)
-                    s = fmt(cell)
-                    if cell and abs(cell["mean"] - best.get(c, float("nan"))) < 1e-12:
-                        s = f"[bold green]{s}[/]"
-                    cells.append(s)
-                t.add_row(r["loss"], r["detector"], *cells)
-            out.print(t)
-    dest = output or (paths[0] if paths[0].is_dir() else paths[0].parent)
-    write_json(dest / "report.json", rep.to_dict())
-    write_text(dest / "report.md", to_markdown(rep, metrics))
-    out.print(f"wrote {dest / 'report.json'} and {dest / 'report.md'}")
-
+    # the tables show `metrics`; report.json / .csv keep every metric
+    run_report(paths, ReportOptions(table_metrics=metrics, output=output))
 
 @app.command()
 def run(

@@ -2,18 +2,32 @@
 
 Conventions (Lee et al. 2018, used by ODIN, Mahalanobis, IsoMax, DisMax): in-distribution is the
 POSITIVE class and a higher score means more in-distribution. A sample is accepted as
-in-distribution when score >= threshold; every distinct score value is a candidate threshold, so
-tied scores always move together (no arbitrary tie order).
+in-distribution when score >= t. TPR = accepted in-dist / all in-dist, FPR = accepted OOD / all
+OOD, TNR = 1 − FPR.
 
-- TPR = accepted in-distribution / all in-distribution; FPR = accepted OOD / all OOD.
-- `tnr_at_tpr95` = 1 − FPR at the operating point whose TPR is closest to 0.95 (Lee et al.'s
-  choice; ties in |TPR − 0.95| go to the higher TPR). `fpr_at_tpr95` = 1 − `tnr_at_tpr95`.
-  Some tools (e.g. OpenOOD) treat OOD as positive for FPR95; with in-dist positive this is the
-  FPR of accepting OOD samples while keeping 95 % of in-distribution ones.
-- `auroc`: area under the ROC curve (trapezoidal, ties as one step) = P(s_in > s_out) + ½P(=).
-- `dtacc` = max over thresholds of ½(TPR + 1 − FPR): the best balanced detection accuracy.
-- `aupr_in`: average precision with in-distribution positive (scikit-learn's definition);
-  `aupr_out`: the same with OOD positive and negated scores.
+Ties (the default, `convention="threshold"`): the ROC curve has one point per distinct score
+value, so tied samples are accepted or rejected together — only operating points a real
+threshold can reach. With this convention AUROC and AUPR equal scikit-learn's `roc_auc_score`
+and `average_precision_score`.
+
+- `tnr_at_tpr95`: TNR at the ROC point whose TPR is closest to 0.95 (Lee et al.'s rule);
+  when two TPRs are equally close (within 1e-9) the higher wins, as in Lee et al.'s `argmin`
+  over a curve ordered from TPR 1 down; among the thresholds giving that TPR the lowest (highest
+  FPR, the threshold just above the highest rejected in-distribution score) is taken, again as
+  Lee et al.'s walk does; at TPR = 1 the threshold is the lowest in-distribution score. Without
+  ties and below TPR 1 this is exactly their number. `fpr_at_tpr95` = 1 − `tnr_at_tpr95`.
+- `auroc`: trapezoidal area under the ROC curve = P(s_in > s_out) + ½ P(s_in = s_out).
+- `dtacc`: max over thresholds of ½(TPR + TNR), the best balanced detection accuracy.
+- `aupr_in`: average precision (step-wise sum over recall steps of precision) with in-dist
+  positive; `aupr_out`: the same with OOD positive and negated scores.
+
+`convention="lee"` reproduces the reference script of Lee et al. (`calculate_log.py` of the
+Mahalanobis code) instead: its ROC walk removes samples one at a time from the lowest score up
+and, on equal scores, rejects in-distribution samples before OOD ones, so inside a block of ties
+it passes through points no threshold reaches (TPR lowered, FPR not yet): TNR@95 can land there,
+AUROC counts ties as errors (P(s_in > s_out)), and AUPR integrates precision over recall with the
+trapezoid rule (not average precision). Without ties both conventions give the same TNR@95,
+AUROC and DTACC; AUPR differs by the integration rule (about 0.1 point).
 """
 
 from __future__ import annotations
@@ -23,10 +37,23 @@ import torch
 import torch.nn.functional as F
 
 OOD_METRICS = ("tnr_at_tpr95", "fpr_at_tpr95", "auroc", "dtacc", "aupr_in", "aupr_out")
-# For each metric: True if higher is better (used to highlight bests and to gate).
+CLASSIFICATION_METRICS = ("accuracy", "ece", "nll")
+# For each metric: True if higher is better (used to highlight bests and to read gates).
 HIGHER_IS_BETTER = {"tnr_at_tpr95": True, "fpr_at_tpr95": False, "auroc": True, "dtacc": True,
                     "aupr_in": True, "aupr_out": True, "accuracy": True, "ece": False,
-                    "nll": False}
+                    "nll": False, "cost": False}
+CONVENTIONS = ("threshold", "lee")
+TPR_TARGET = 0.95
+
+
+def roc_curve(in_scores: np.ndarray, out_scores: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FPR, TPR and thresholds (one point per distinct score, from (0, 0) at t = +inf up to
+    (1, 1)), for 'in-distribution if score >= t'."""
+    pos = _check("in-distribution scores", in_scores)
+    neg = _check("OOD scores", out_scores)
+    tpr, fpr, thresholds = _roc(pos, neg)
+    return fpr, tpr, thresholds
 
 
 def _roc(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -41,6 +68,18 @@ def _roc(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     tpr = np.r_[0.0, tp / len(pos)]
     fpr = np.r_[0.0, fp / len(neg)]
     return tpr, fpr, np.r_[np.inf, scores[last_of_tie]]
+
+
+def operating_point(tpr: np.ndarray, target: float = TPR_TARGET) -> int:
+    """Index of the ROC point whose TPR is closest to `target` (the higher TPR on a tie). Of the
+    points with that TPR: the last (lowest threshold, just above the highest rejected
+    in-distribution score), as Lee et al.; at TPR = 1 no in-distribution score is rejected and
+    the first is taken (threshold = the lowest in-distribution score), where Lee et al.'s walk
+    would accept every OOD sample."""
+    dist = np.abs(tpr - target)
+    best = np.flatnonzero(dist <= dist.min() + 1e-9)
+    same = best[tpr[best] == tpr[best].max()]
+    return int(same[0] if tpr[same[0]] >= 1.0 else same[-1])
 
 
 def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -61,14 +100,18 @@ def _check(name: str, a: np.ndarray) -> np.ndarray:
     return a
 
 
-def ood_metrics(in_scores: np.ndarray, out_scores: np.ndarray) -> dict[str, float]:
-    """All OOD metrics as fractions in [0, 1]. Higher score = more in-distribution."""
+def ood_metrics(in_scores: np.ndarray, out_scores: np.ndarray,
+                convention: str = "threshold") -> dict[str, float]:
+    """All OOD metrics as fractions in [0, 1]. Higher score = more in-distribution.
+    `convention`: "threshold" (default, tie-aware) or "lee" (the reference script; see module)."""
     pos = _check("in-distribution scores", in_scores)
     neg = _check("OOD scores", out_scores)
+    if convention == "lee":
+        return _lee_metrics(pos, neg)
+    if convention != "threshold":
+        raise ValueError(f"unknown convention {convention!r}; use one of {CONVENTIONS}")
     tpr, fpr, _ = _roc(pos, neg)
-    dist = np.abs(tpr - 0.95)
-    best = np.flatnonzero(dist == dist.min())
-    i95 = best[np.argmax(tpr[best])]
+    i95 = operating_point(tpr)
     return {
         "tnr_at_tpr95": float(1.0 - fpr[i95]),
         "fpr_at_tpr95": float(fpr[i95]),
@@ -79,6 +122,63 @@ def ood_metrics(in_scores: np.ndarray, out_scores: np.ndarray) -> dict[str, floa
     }
 
 
+def _lee_metrics(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
+    """Lee et al.'s reference computation, vectorised: walk from 'accept all' upwards, rejecting
+    the lowest remaining sample at each step (in-distribution first among equal scores)."""
+    k, n = len(pos), len(neg)
+    scores = np.concatenate([pos, neg])
+    is_ood = np.r_[np.zeros(k, dtype=bool), np.ones(n, dtype=bool)]
+    order = np.lexsort((is_ood, scores))  # ascending score; in-dist before OOD on ties
+    removed_ood = np.cumsum(is_ood[order])
+    removed_in = np.arange(1, k + n + 1) - removed_ood
+    tp = np.r_[k, k - removed_in].astype(np.float64)
+    fp = np.r_[n, n - removed_ood].astype(np.float64)
+    tpr, fpr = tp / k, fp / n
+    i95 = int(np.abs(tpr - TPR_TARGET).argmin())
+    tpr_e, fpr_e = np.r_[1.0, tpr, 0.0], np.r_[1.0, fpr, 0.0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec_in = tp / (tp + fp)
+        prec_out = (n - fp) / ((k - tp) + (n - fp))
+    keep_in = np.r_[True, tp + fp > 0, True]
+    keep_out = np.r_[True, (k - tp) + (n - fp) > 0, True]
+    p_in = np.r_[0.5, prec_in, 0.0][keep_in]
+    p_out = np.r_[0.0, prec_out, 0.5][keep_out]
+    return {
+        "tnr_at_tpr95": float(1.0 - fpr[i95]),
+        "fpr_at_tpr95": float(fpr[i95]),
+        "auroc": float(-np.trapezoid(1.0 - fpr_e, tpr_e)),
+        "dtacc": float(np.max(0.5 * (tpr + 1.0 - fpr))),
+        "aupr_in": float(-np.trapezoid(p_in, tpr_e[keep_in])),
+        "aupr_out": float(np.trapezoid(p_out, 1.0 - fpr_e[keep_out])),
+    }
+
+
+def bootstrap_auroc(in_scores: np.ndarray, out_scores: np.ndarray, n_boot: int = 1000,
+                    seed: int = 0) -> np.ndarray:
+    """`n_boot` bootstrap replicates of the AUROC, resampling the in-distribution and the OOD
+    scores independently (each with replacement, same size). Each replicate costs O(n): the
+    AUROC is a weighted Mann-Whitney count over precomputed rank positions."""
+    pos = _check("in-distribution scores", in_scores)
+    neg = _check("OOD scores", out_scores)
+    rng = np.random.default_rng(seed)
+    neg_u, neg_idx = np.unique(neg, return_inverse=True)
+    below = np.searchsorted(neg_u, pos, "left")  # distinct OOD values < each in-dist score
+    upto = np.searchsorted(neg_u, pos, "right")  # ... <= each in-dist score
+    k, n = len(pos), len(neg)
+    reps = np.empty(n_boot)
+    for b in range(n_boot):
+        counts = np.bincount(neg_idx[rng.integers(0, n, n)], minlength=len(neg_u))
+        cum = np.r_[0, np.cumsum(counts)]
+        wins = cum[below] + 0.5 * (cum[upto] - cum[below])
+        reps[b] = np.bincount(rng.integers(0, k, k), minlength=k) @ wins / (k * n)
+    return reps
+
+
+def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    lo, hi = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == labels).double().mean())
 
@@ -87,18 +187,30 @@ def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) ->
     return float(F.cross_entropy(logits.double() / temperature, labels))
 
 
+def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                     bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin (equal width, bin b = (b/bins, (b+1)/bins]): mean confidence,
+    accuracy and count (NaN confidence/accuracy for empty bins)."""
+    probs = torch.softmax(torch.as_tensor(logits).double() / temperature, dim=1)
+    conf, pred = probs.max(dim=1)
+    correct = (pred == torch.as_tensor(labels)).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    idx = torch.bucketize(conf, edges[1:-1], right=False)  # right-closed bins, as Guo et al.
+    zero = torch.zeros(bins, dtype=torch.float64)
+    count = zero.index_add(0, idx, torch.ones_like(conf))
+    with np.errstate(invalid="ignore"):
+        mean_conf = (zero.index_add(0, idx, conf) / count).numpy()
+        acc = (zero.index_add(0, idx, correct) / count).numpy()
+    return mean_conf, acc, count.numpy()
+
+
 def ece(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
         bins: int = 15) -> float:
-    """Expected calibration error with `bins` equal-width confidence bins (Guo et al. 2017)."""
-    probs = torch.softmax(logits.double() / temperature, dim=1)
-    conf, pred = probs.max(dim=1)
-    correct = (pred == labels).double()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    idx = torch.bucketize(conf, edges[1:-1], right=True)  # bin b holds (edges[b], edges[b+1]]
-    total = torch.zeros(bins, dtype=torch.float64)
-    gap = total.index_add(0, idx, conf - correct)
-    count = total.index_add(0, idx, torch.ones_like(conf))
-    return float(gap.abs().sum() / count.sum())
+    """Expected calibration error with `bins` equal-width confidence bins (Guo et al. 2017):
+    Σ_b (n_b / n) |accuracy_b − confidence_b|."""
+    conf, acc, count = reliability_bins(logits, labels, temperature, bins)
+    used = count > 0
+    return float(np.sum(count[used] * np.abs(acc[used] - conf[used])) / count.sum())
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from oodbench import __version__
-from oodbench.cache import OutputCache, Outputs, model_digest
+from oodbench.cache import OutputCache, Outputs, cache_key, model_digest
 from oodbench.calibrate import fit_temperature
 from oodbench.data import DataContext, ImageSet, InputTransform
 from oodbench.detectors import DETECTORS, Detector, DetectorInput
@@ -29,6 +29,7 @@ from oodbench.experiment import build_model, in_distribution_info, load_in_distr
 from oodbench.io import write_json
 from oodbench.metrics import classification_metrics, ood_metrics
 from oodbench.models import Classifier
+from oodbench.provenance import run_provenance
 from oodbench.runs import Run, load_weights
 
 # progress(description, total) -> advance(n); the CLI maps it to rich progress bars.
@@ -288,6 +289,12 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
         "reference_forward_seconds_per_sample": reference,
         "weights": lr.weights,
         "environment": {**environment(), "device": str(device)},
+        # For `report`: the in-dist test set's name, each set's output-cache entry (the
+        # reliability diagram reads the test logits there) and the provenance record.
+        "test_set": test.name,
+        "cache_keys": {d.name: cache_key(lr.weights, d, tf) for d, tf, _ in sets},
+        "provenance": run_provenance(cfg.to_dict(), {d.name: d.fingerprint() for d, _, _ in sets},
+                                     device, lr.weights),
     }
     existing = run.metrics_path
     if detectors and existing.exists():  # scoring a subset keeps the other detectors' results

@@ -1,16 +1,20 @@
-"""Collect the metrics.json of many runs and turn them into the comparison table.
+"""Collect the metrics.json of many runs and turn them into the comparison a researcher reads.
 
 Runs are grouped by (benchmark, in-distribution set, model); within a group a row is one
-loss + detector, a column one OOD set (near sets first, then far) plus their mean. A cell is the
-mean ± std over seeds (std with ddof=1; 0 for one seed). The "mean" column averages the OOD sets
-within each seed first, then over seeds. All values are fractions in [0, 1]; the Markdown and
-the terminal table show percentages.
+loss + detector, a column one OOD set (near sets first, then far) plus the near / far / all
+means. A cell is the mean ± std over seeds (std with ddof=1; 0 for one seed) with the per-seed
+values. A mean column averages the OOD sets within each seed first, then over seeds. All values
+are fractions in [0, 1]; cost is in plain forward passes. Rendering (tables, Markdown, CSV) is in
+`oodbench.render`, gates in `oodbench.gate`, plots in `oodbench.plots`.
+
+The reader is tolerant: keys it does not know are ignored, so other steps may add to
+metrics.json freely; only the keys it needs are required.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +22,78 @@ import numpy as np
 
 from oodbench.errors import OodbenchError
 from oodbench.io import read_json
-from oodbench.metrics import HIGHER_IS_BETTER, OOD_METRICS
+from oodbench.metrics import (
+    CLASSIFICATION_METRICS,
+    HIGHER_IS_BETTER,
+    OOD_METRICS,
+    bootstrap_auroc,
+    percentile_interval,
+)
+from oodbench.provenance import report_manifest
 
-SCHEMA = "oodbench.report/1"
+SCHEMA = "oodbench.report/2"
+COMPARISON_SCHEMA = "oodbench.comparison/1"
+UNITS = {"metrics": "fractions in [0, 1] (multiply by 100 for %)", "nll": "nats per sample",
+         "cost": "inference time relative to one plain forward pass"}
+CONVENTIONS = {"positive_class": "in-distribution", "higher_score": "more in-distribution",
+               "tpr_target": 0.95, "ties": "threshold (tied scores accepted together)",
+               "aggregate": "mean and std (ddof=1) over seeds; means over OOD sets per seed "
+                            "first", "ece_bins": 15}
+REQUIRED = ("benchmark", "in_distribution", "model", "loss", "seed", "ood_sets",
+            "classification", "detectors")
+MEAN_COLUMNS = ("near", "far", "all")
+
+
+@dataclass
+class Filters:
+    """Restrict a report; None = everything. Means are over the OOD sets left after filtering."""
+
+    metrics: tuple[str, ...] | None = None
+    ood: tuple[str, ...] | None = None
+    detectors: tuple[str, ...] | None = None
+    losses: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for m in self.metrics or ():
+            if m not in OOD_METRICS:
+                raise OodbenchError(f"unknown metric {m!r}",
+                                    f"use one of: {', '.join(OOD_METRICS)}")
+
+    @property
+    def ood_metrics(self) -> tuple[str, ...]:
+        return self.metrics or OOD_METRICS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if v else None for k, v in self.__dict__.items()}
+
+
+@dataclass
+class LoadedMetrics:
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+    def score_file(self, detector: str, dataset: str) -> Path:
+        return self.run_dir / "scores" / detector / f"{dataset}.npy"
+
+    @property
+    def test_set(self) -> str:
+        """The in-distribution test set's name (older files lack `test_set`)."""
+        m = self.data
+        if "test_set" in m:
+            return m["test_set"]
+        rest = [k for k in m.get("n", {}) if k not in m["ood_sets"]]
+        return rest[0] if rest else m["in_distribution"]
 
 
 def find_metrics(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
     for p in paths:
         p = Path(p)
-        if p.is_file() and p.name == "metrics.json":
+        if p.is_file() and p.name.endswith(".json"):
             found.append(p)
         elif p.is_dir():
             found.extend(sorted(p.rglob("metrics.json")))
@@ -39,108 +105,238 @@ def find_metrics(paths: list[Path]) -> list[Path]:
     return found
 
 
-def _cell(values: list[float]) -> dict[str, float]:
+def load_metrics(files: list[Path]) -> list[LoadedMetrics]:
+    out = []
+    for f in files:
+        try:
+            m = read_json(f)
+        except (OSError, ValueError) as e:
+            raise OodbenchError(f"cannot read {f}: {e}", "score the run again") from None
+        if not isinstance(m, dict) or not str(m.get("schema", "")).startswith("oodbench.metrics/"):
+            raise OodbenchError(f"{f} is not an oodbench metrics file",
+                                "point `report` at run folders made by `oodbench score`")
+        missing = [k for k in REQUIRED if k not in m]
+        if missing:
+            raise OodbenchError(f"{f} lacks {missing}", "score the run again with this version")
+        out.append(LoadedMetrics(Path(f), m))
+    return out
+
+
+def _cell(values: list[float]) -> dict[str, Any]:
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-            "n": len(a)}
+            "n": len(a), "values": [float(v) for v in a]}
+
+
+def _keep(name: str, allowed: tuple[str, ...] | None) -> bool:
+    return allowed is None or name in allowed
 
 
 @dataclass
 class Report:
     groups: list[dict[str, Any]]
+    filters: Filters = field(default_factory=Filters)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    bootstrap: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "units": "fractions in [0, 1]; cost in forward passes",
-                "groups": self.groups}
+        return {"schema": SCHEMA, "units": UNITS, "conventions": CONVENTIONS,
+                "filters": self.filters.to_dict(), "bootstrap": self.bootstrap,
+                "manifest": self.manifest, "groups": self.groups}
 
 
-def build_report(metric_files: list[Path]) -> Report:
-    by_group: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for f in metric_files:
-        m = read_json(f)
-        by_group[(m["benchmark"], m["in_distribution"], m["model"])].append(m)
-    groups = []
-    for (bench, ind, model), runs in sorted(by_group.items()):
-        ood_sets: dict[str, str] = {}
-        for r in runs:
-            ood_sets.update(r["ood_sets"])
-        order = sorted(ood_sets, key=lambda n: (ood_sets[n] != "near", list(ood_sets).index(n)))
-        rows, accuracy = [], {}
-        by_loss: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in runs:
-            by_loss[r["loss"]].append(r)
-        for loss, lruns in sorted(by_loss.items()):
-            accuracy[loss] = {k: _cell([r["classification"]["uncalibrated"][k] for r in lruns])
-                              for k in ("accuracy", "ece", "nll")}
-            detectors = sorted({d for r in lruns for d in r["detectors"]})
-            for det in detectors:
-                druns = [r for r in lruns if det in r["detectors"]]
-                cells: dict[str, dict[str, Any]] = {}
-                for ood in order:
-                    vals = [r["detectors"][det]["ood"][ood] for r in druns
-                            if ood in r["detectors"][det]["ood"]]
-                    if vals:
-                        cells[ood] = {k: _cell([v[k] for v in vals]) for k in OOD_METRICS}
-                present = [o for o in order if o in cells]
-                mean = {k: _cell([np.mean([r["detectors"][det]["ood"][o][k] for o in present])
-                                  for r in druns]) for k in OOD_METRICS}
-                rows.append({"loss": loss, "detector": det,
-                             "seeds": sorted(r["seed"] for r in druns),
-                             "cost": _cell([r["detectors"][det]["cost"] for r in druns]),
-                             "ood": cells, "mean": mean})
-        groups.append({"benchmark": bench, "in_distribution": ind, "model": model,
-                       "ood_sets": {o: ood_sets[o] for o in order},
-                       "classification": accuracy, "rows": rows})
-    return Report(groups)
+def build_report(runs: list[LoadedMetrics], filters: Filters | None = None,
+                 bootstrap: int = 0, bootstrap_seed: int = 0) -> Report:
+    """The report over `runs`. `bootstrap` > 0 adds a 95 % percentile interval to every AUROC
+    cell from that many replicates per seed (in-dist and OOD scores resampled independently;
+    the interval of a seed mean averages the replicates across seeds, index by index)."""
+    filters = filters or Filters()
+    by_group: dict[tuple[str, str, str], list[LoadedMetrics]] = defaultdict(list)
+    for r in runs:
+        if _keep(r.data["loss"], filters.losses):
+            m = r.data
+            by_group[(m["benchmark"], m["in_distribution"], m["model"])].append(r)
+    if not by_group:
+        raise OodbenchError("no run matches the --loss filter",
+                            f"losses present: {sorted({r.data['loss'] for r in runs})}")
+    groups = [_group(key, g, filters, bootstrap, bootstrap_seed)
+              for key, g in sorted(by_group.items())]
+    if not any(g["rows"] for g in groups):
+        raise OodbenchError("no detector / OOD set matches the filters",
+                            "check --detector and --ood against the runs' names")
+    boot = {"replicates": bootstrap, "seed": bootstrap_seed, "level": 0.95,
+            "method": "percentile; in-dist and OOD resampled independently"} if bootstrap else None
+    return Report(groups, filters, report_manifest([(r.path, r.data) for r in runs]), boot)
 
 
-def fmt(cell: dict[str, float] | None, percent: bool = True) -> str:
-    if cell is None:
-        return "–"
-    scale = 100.0 if percent else 1.0
-    s = f"{cell['mean'] * scale:.1f}"
-    return s + (f" ± {cell['std'] * scale:.1f}" if cell["n"] > 1 else "")
+def _group(key: tuple[str, str, str], runs: list[LoadedMetrics], filters: Filters,
+           bootstrap: int, bootstrap_seed: int) -> dict[str, Any]:
+    bench, ind, model = key
+    ood_sets: dict[str, str] = {}
+    for r in runs:
+        ood_sets.update({o: g for o, g in r.data["ood_sets"].items() if _keep(o, filters.ood)})
+    order = sorted(ood_sets, key=lambda n: (ood_sets[n] != "near", list(ood_sets).index(n)))
+    by_loss: dict[str, list[LoadedMetrics]] = defaultdict(list)
+    for r in runs:
+        by_loss[r.data["loss"]].append(r)
+    rows, classification = [], {}
+    for loss, lruns in sorted(by_loss.items()):
+        classification[loss] = _classification(lruns)
+        detectors = sorted({d for r in lruns for d in r.data["detectors"]
+                            if _keep(d, filters.detectors)})
+        for det in detectors:
+            druns = [r for r in lruns if det in r.data["detectors"]]
+            rows.append(_row(loss, det, druns, order, ood_sets, filters, bootstrap,
+                             bootstrap_seed))
+    rows = [r for r in rows if r["ood"]]
+    return {"benchmark": bench, "in_distribution": ind, "model": model,
+            "ood_sets": {o: ood_sets[o] for o in order},
+            "seeds": sorted({r.data["seed"] for r in runs}),
+            "classification": classification, "rows": rows}
 
 
-def best_rows(group: dict[str, Any], metric: str) -> dict[str, float]:
-    """Best mean value per column (OOD set or 'mean'), for highlighting."""
+def _classification(runs: list[LoadedMetrics]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for state in ("uncalibrated", "calibrated"):
+        vals = [r.data["classification"][state] for r in runs
+                if state in r.data["classification"]]
+        if vals:
+            out[state] = {k: _cell([v[k] for v in vals]) for k in CLASSIFICATION_METRICS
+                          if all(k in v for v in vals)}
+    temps = [r.data["calibration"]["temperature"] for r in runs
+             if isinstance(r.data.get("calibration"), dict)
+             and "temperature" in r.data["calibration"]]
+    if temps:
+        out["temperature"] = _cell(temps)
+    return out
+
+
+def _row(loss: str, det: str, runs: list[LoadedMetrics], order: list[str],
+         ood_sets: dict[str, str], filters: Filters, bootstrap: int,
+         bootstrap_seed: int) -> dict[str, Any]:
+    metrics = filters.ood_metrics
+    per_run = [r.data["detectors"][det] for r in runs]
+    cells: dict[str, dict[str, Any]] = {}
+    for ood in order:
+        vals = [d["ood"][ood] for d in per_run if ood in d.get("ood", {})]
+        if vals:
+            cells[ood] = {k: _cell([v[k] for v in vals]) for k in metrics}
+            if bootstrap and "auroc" in metrics:
+                have = [r for r, d in zip(runs, per_run, strict=True) if ood in d.get("ood", {})]
+                cells[ood]["auroc"]["ci95"] = _auroc_interval(have, det, [ood], bootstrap,
+                                                              bootstrap_seed)
+    means: dict[str, Any] = {}
+    for col in MEAN_COLUMNS:
+        sets = [o for o in cells if col == "all" or ood_sets[o] == col]
+        # a seed counts in a mean only when it has every set of that mean
+        complete = [(r, d) for r, d in zip(runs, per_run, strict=True)
+                    if sets and all(o in d.get("ood", {}) for o in sets)]
+        if not complete:
+            continue
+        means[col] = {k: _cell([np.mean([d["ood"][o][k] for o in sets]) for _, d in complete])
+                      for k in metrics}
+        if bootstrap and "auroc" in metrics:
+            means[col]["auroc"]["ci95"] = _auroc_interval([r for r, _ in complete], det, sets,
+                                                          bootstrap, bootstrap_seed)
+    costs = [d["cost"] for d in per_run if isinstance(d.get("cost"), int | float)]
+    row = {"loss": loss, "detector": det, "seeds": sorted(r.data["seed"] for r in runs),
+           "ood": cells, "means": means}
+    if costs:
+        row["cost"] = _cell(costs)
+    return row
+
+
+def load_scores(r: LoadedMetrics, det: str, dataset: str) -> np.ndarray:
+    path = r.score_file(det, dataset)
+    if not path.exists():
+        raise OodbenchError(f"no saved scores {path}",
+                            f"score the run again (`oodbench score {r.run_dir}`) or drop "
+                            "--bootstrap / --plots")
+    return np.load(path)
+
+
+def _auroc_interval(runs: list[LoadedMetrics], det: str, sets: list[str], n_boot: int,
+                    seed: int) -> list[float]:
+    """Percentile interval of the AUROC averaged over `sets` and then over `runs` (seeds)."""
+    reps = []
+    for r in runs:
+        in_scores = load_scores(r, det, r.test_set)
+        reps.append(np.mean([bootstrap_auroc(in_scores, load_scores(r, det, o), n_boot, seed)
+                             for o in sets], axis=0))
+    return list(percentile_interval(np.mean(reps, axis=0)))
+
+
+def best_values(group: dict[str, Any], metric: str) -> dict[str, float]:
+    """Best mean value per column (OOD set or near/far/all mean), for highlighting."""
     pick = max if HIGHER_IS_BETTER[metric] else min
     best: dict[str, float] = {}
-    for col in [*group["ood_sets"], "mean"]:
-        vals = [(r["mean"] if col == "mean" else r["ood"].get(col, {})).get(metric)
-                for r in group["rows"]]
+    for col in [*group["ood_sets"], *MEAN_COLUMNS]:
+        vals = [cell_of(r, col, metric) for r in group["rows"]]
         vals = [v["mean"] for v in vals if v]
         if vals:
             best[col] = pick(vals)
     return best
 
 
-def to_markdown(report: Report, metrics: tuple[str, ...] = ("auroc", "fpr_at_tpr95")) -> str:
-    out = ["# oodbench report", "",
-           "Values in %; mean ± std over seeds; best per column in **bold**; "
-           "in-distribution is the positive class.", ""]
-    for g in report.groups:
-        out += [f"## {g['benchmark']}: {g['in_distribution']} · {g['model']}", ""]
-        out += ["| loss | accuracy | ECE | NLL |", "|---|---|---|---|"]
-        for loss, c in g["classification"].items():
-            out.append(f"| {loss} | {fmt(c['accuracy'])} | {fmt(c['ece'])} | "
-                       f"{fmt(c['nll'], percent=False)} |")
-        out.append("")
-        cols = list(g["ood_sets"])
-        for metric in metrics:
-            best = best_rows(g, metric)
-            head = [f"{c} ({g['ood_sets'][c]})" for c in cols] + ["mean"]
-            out += [f"### {metric}", "", "| loss | detector | " + " | ".join(head) + " |",
-                    "|---|---|" + "---|" * len(head)]
-            for r in g["rows"]:
-                vals = []
-                for c in [*cols, "mean"]:
-                    cell = r["mean"] if c == "mean" else r["ood"].get(c, {}).get(metric)
-                    cell = cell[metric] if c == "mean" else cell
-                    s = fmt(cell)
-                    if cell and np.isclose(cell["mean"], best.get(c, np.nan)):
-                        s = f"**{s}**"
-                    vals.append(s)
-                out.append(f"| {r['loss']} | {r['detector']} | " + " | ".join(vals) + " |")
-            out.append("")
-    return "\n".join(out)
+def cell_of(row: dict[str, Any], column: str, metric: str) -> dict[str, Any] | None:
+    """The cell of `row` in an OOD-set column or a mean column ("near", "far", "all")."""
+    if column in row["ood"]:
+        return row["ood"][column].get(metric)
+    if column in MEAN_COLUMNS:
+        return row["means"].get(column, {}).get(metric)
+    return None
+
+
+def columns(group: dict[str, Any]) -> list[str]:
+    """OOD sets (near first) then the means; near / far means only when both groups exist
+    (otherwise they equal the overall mean)."""
+    present = {c for r in group["rows"] for c in r["means"]}
+    both = {"near", "far"} <= present
+    return [*group["ood_sets"], *[c for c in MEAN_COLUMNS if c in present
+                                  and (both or c == "all")]]
+
+
+def compare(a: Report, b: Report, label_a: str, label_b: str) -> dict[str, Any]:
+    """Cell-by-cell B − A over the groups, rows and columns both reports have."""
+    groups = []
+    b_groups = {(g["benchmark"], g["in_distribution"], g["model"]): g for g in b.groups}
+    for ga in a.groups:
+        gb = b_groups.get((ga["benchmark"], ga["in_distribution"], ga["model"]))
+        if gb is None:
+            continue
+        b_rows = {(r["loss"], r["detector"]): r for r in gb["rows"]}
+        cols = [c for c in columns(ga) if c in columns(gb)]
+        rows = []
+        for ra in ga["rows"]:
+            rb = b_rows.get((ra["loss"], ra["detector"]))
+            if rb is None:
+                continue
+            cells = {}
+            for col in cols:
+                cells[col] = {}
+                for k in a.filters.ood_metrics:
+                    ca, cb = cell_of(ra, col, k), cell_of(rb, col, k)
+                    if ca and cb:
+                        cells[col][k] = {"a": ca["mean"], "b": cb["mean"],
+                                         "delta": cb["mean"] - ca["mean"]}
+            rows.append({"loss": ra["loss"], "detector": ra["detector"], "columns": cells})
+        classification = {}
+        for loss, ca in ga["classification"].items():
+            cb = gb["classification"].get(loss, {})
+            if "uncalibrated" in ca and "uncalibrated" in cb:
+                classification[loss] = {
+                    k: {"a": ca["uncalibrated"][k]["mean"], "b": cb["uncalibrated"][k]["mean"],
+                        "delta": cb["uncalibrated"][k]["mean"] - ca["uncalibrated"][k]["mean"]}
+                    for k in CLASSIFICATION_METRICS
+                    if k in ca["uncalibrated"] and k in cb["uncalibrated"]}
+        groups.append({"benchmark": ga["benchmark"], "in_distribution": ga["in_distribution"],
+                       "model": ga["model"],
+                       "ood_sets": {o: g for o, g in ga["ood_sets"].items() if o in cols},
+                       "columns": cols, "classification": classification, "rows": rows})
+    if not any(g["rows"] for g in groups):
+        raise OodbenchError(f"{label_a} and {label_b} share no benchmark/model/loss/detector",
+                            "compare runs of the same benchmark")
+    return {"schema": COMPARISON_SCHEMA, "units": UNITS, "delta": "b − a",
+            "a": {"label": label_a, "manifest": a.manifest},
+            "b": {"label": label_b, "manifest": b.manifest},
+            "filters": a.filters.to_dict(), "groups": groups}

@@ -17,8 +17,8 @@ def test_default_run_trains_scores_and_reports(tmp_path):
     (group,) = report["groups"]
     assert set(group["classification"]) == {"softmax", "dismax"}
     for loss, c in group["classification"].items():
-        assert c["accuracy"]["mean"] > 0.90, loss
+        assert c["uncalibrated"]["accuracy"]["mean"] > 0.90, loss
     for noise in ("gaussian", "uniform"):
         best = max(row["ood"][noise]["auroc"]["mean"] for row in group["rows"])
         assert best > 0.9, noise
-    assert "auroc" in r.output and "mmles" in r.output
+    assert "AUROC" in r.output and "mmles" in r.output

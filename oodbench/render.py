@@ -1,0 +1,241 @@
+"""Render a report (the dict of `Report.to_dict` or `report.compare`) as tables, Markdown, CSV.
+
+Tables are first built as plain `TableModel`s (strings + which cells to emphasise), so the
+terminal (rich) and the Markdown outputs show exactly the same numbers. Tables show percentages
+with one decimal; CSV and JSON keep fractions, with a unit column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+from oodbench.errors import OodbenchError
+from oodbench.metrics import HIGHER_IS_BETTER
+from oodbench.report import best_values, cell_of, columns
+
+NAMES = {"tnr_at_tpr95": "TNR@95", "fpr_at_tpr95": "FPR@95", "auroc": "AUROC", "dtacc": "DTACC",
+         "aupr_in": "AUPR-in", "aupr_out": "AUPR-out"}
+DEFAULT_TABLE_METRICS = ("auroc", "fpr_at_tpr95")
+PAPER_METRICS = ("tnr_at_tpr95", "auroc", "dtacc")
+PAPER_PAIRS = (("softmax", "msp"), ("softmax", "entropy"), ("dismax", "mmles"))
+MEAN_LABELS = {"near": "near mean", "far": "far mean", "all": "mean"}
+
+
+@dataclass
+class TableModel:
+    title: str
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    emphasis: list[list[bool]] = field(default_factory=list)
+    caption: str = ""
+    right_from: int = 1  # columns from this index are numbers (right-aligned)
+
+    def add(self, cells: list[str], emphasis: list[bool] | None = None) -> None:
+        self.rows.append(cells)
+        self.emphasis.append(emphasis or [False] * len(cells))
+
+
+def fmt(cell: dict[str, Any] | None, percent: bool = True, digits: int = 1) -> str:
+    if not cell:
+        return "–"
+    scale = 100.0 if percent else 1.0
+    s = f"{cell['mean'] * scale:.{digits}f}"
+    if cell.get("n", 1) > 1:
+        s += f" ± {cell['std'] * scale:.{digits}f}"
+    if "ci95" in cell:
+        lo, hi = cell["ci95"]
+        s += f" [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+    return s
+
+
+def _col_label(group: dict[str, Any], col: str) -> str:
+    return MEAN_LABELS.get(col) or f"{col} ({group['ood_sets'][col]})"
+
+
+def _group_title(g: dict[str, Any]) -> str:
+    return f"{g['benchmark']} · {g['in_distribution']} · {g['model']}"
+
+
+def classification_table(g: dict[str, Any]) -> TableModel:
+    t = TableModel(f"{_group_title(g)} · classification (%; NLL in nats; T = temperature)",
+                   ["loss", "accuracy", "ECE", "NLL", "ECE calibrated", "NLL calibrated", "T"])
+    for loss, c in g["classification"].items():
+        unc, cal = c.get("uncalibrated", {}), c.get("calibrated", {})
+        t.add([loss, fmt(unc.get("accuracy")), fmt(unc.get("ece")),
+               fmt(unc.get("nll"), percent=False, digits=3), fmt(cal.get("ece")),
+               fmt(cal.get("nll"), percent=False, digits=3),
+               fmt(c.get("temperature"), percent=False, digits=2)])
+    return t
+
+
+def report_tables(rep: dict[str, Any], metrics: tuple[str, ...]) -> list[TableModel]:
+    """Per group: the classification table, then one table per metric (rows = loss + detector,
+    columns = OOD sets near first, the near / far / all means, and the cost)."""
+    tables = []
+    for g in rep["groups"]:
+        tables.append(classification_table(g))
+        cols = columns(g)
+        for m in metrics:
+            best = best_values(g, m)
+            arrow = "↑" if HIGHER_IS_BETTER[m] else "↓"
+            t = TableModel(f"{_group_title(g)} · {NAMES[m]} {arrow} (%)",
+                           ["loss", "detector", *[_col_label(g, c) for c in cols], "cost ×"],
+                           caption="mean ± std over seeds "
+                                   f"{g['seeds']}; best per column emphasised",
+                           right_from=2)
+            for r in g["rows"]:
+                cells = [cell_of(r, c, m) for c in cols]
+                t.add([r["loss"], r["detector"], *[fmt(c) for c in cells],
+                       fmt(r.get("cost"), percent=False, digits=2)],
+                      [False, False, *[bool(c) and abs(c["mean"] - best.get(col, float("nan")))
+                                       < 1e-12 for c, col in zip(cells, cols, strict=True)],
+                       False])
+            tables.append(t)
+    return tables
+
+
+def paper_tables(rep: dict[str, Any], metrics: tuple[str, ...] = PAPER_METRICS,
+                 pairs: tuple[tuple[str, str], ...] = PAPER_PAIRS) -> list[TableModel]:
+    """The layout of the IsoMax / DisMax tables: rows = OOD sets (and means), for each metric
+    the loss + detector pairs side by side; the best pair per metric and row emphasised."""
+    tables = []
+    for g in rep["groups"]:
+        rows = {(r["loss"], r["detector"]): r for r in g["rows"]}
+        have = [p for p in pairs if p in rows]
+        if not have:
+            continue
+        t = TableModel(f"{_group_title(g)} (%)",
+                       ["OOD set", *[f"{NAMES[m]} {lo}+{d}" for m in metrics for lo, d in have]],
+                       caption=" / ".join(f"{lo}+{d}" for lo, d in have)
+                       + "; best per metric emphasised")
+        for col in columns(g):
+            cells, emph = [], []
+            for m in metrics:
+                vals = [cell_of(rows[p], col, m) for p in have]
+                means = [v["mean"] for v in vals if v]
+                best = (max if HIGHER_IS_BETTER[m] else min)(means) if means else None
+                cells += [fmt(v) for v in vals]
+                emph += [bool(v) and v["mean"] == best for v in vals]
+            t.add([_col_label(g, col), *cells], [False, *emph])
+        tables.append(t)
+    if not tables:
+        raise OodbenchError("--style paper found none of its loss + detector pairs "
+                            f"({', '.join(f'{lo}:{d}' for lo, d in pairs)})",
+                            "name the pairs to show with --pair LOSS:DETECTOR")
+    return tables
+
+
+def comparison_tables(cmp: dict[str, Any], metrics: tuple[str, ...]) -> list[TableModel]:
+    """Per group and metric: 'a → b (Δ)' in points; improvements emphasised."""
+    tables = []
+    for g in cmp["groups"]:
+        cols = g["columns"]
+        for m in metrics:
+            t = TableModel(f"{_group_title(g)} · {NAMES[m]}: {cmp['a']['label']} → "
+                           f"{cmp['b']['label']} (%; Δ in points)",
+                           ["loss", "detector", *[_col_label(g, c) for c in cols]], right_from=2)
+            for r in g["rows"]:
+                cells, emph = [], []
+                for c in cols:
+                    v = r["columns"].get(c, {}).get(m)
+                    if v is None:
+                        cells.append("–")
+                        emph.append(False)
+                        continue
+                    cells.append(f"{v['a'] * 100:.1f} → {v['b'] * 100:.1f} "
+                                 f"({v['delta'] * 100:+.1f})")
+                    better = v["delta"] > 0 if HIGHER_IS_BETTER[m] else v["delta"] < 0
+                    emph.append(better and abs(v["delta"]) > 1e-12)
+                t.add([r["loss"], r["detector"], *cells], [False, False, *emph])
+            tables.append(t)
+    return tables
+
+
+def to_markdown(tables: list[TableModel], heading: str) -> str:
+    out = [f"# {heading}", "",
+           "Values in %; in-distribution is the positive class; emphasised cells in **bold**.",
+           ""]
+    for t in tables:
+        out += [f"### {t.title}", "", "| " + " | ".join(t.headers) + " |",
+                "|" + "|".join("---" if i < t.right_from else "---:"
+                               for i in range(len(t.headers))) + "|"]
+        for cells, emph in zip(t.rows, t.emphasis, strict=True):
+            out.append("| " + " | ".join(f"**{c}**" if e else c
+                                         for c, e in zip(cells, emph, strict=True)) + " |")
+        if t.caption:
+            out += ["", f"_{t.caption}_"]
+        out.append("")
+    return "\n".join(out)
+
+
+def to_rich(tables: list[TableModel]) -> list[Any]:
+    from rich.table import Table
+
+    out = []
+    for t in tables:
+        table = Table(title=t.title, caption=t.caption or None)
+        for i, h in enumerate(t.headers):
+            table.add_column(h, justify="right" if i >= t.right_from else "left")
+        for cells, emph in zip(t.rows, t.emphasis, strict=True):
+            table.add_row(*[f"[bold green]{c}[/]" if e else c
+                            for c, e in zip(cells, emph, strict=True)])
+        out.append(table)
+    return out
+
+
+def _csv(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def report_csv(rep: dict[str, Any]) -> str:
+    """One line per (group, loss, detector, column, metric): tidy, for pandas / spreadsheets."""
+    header = ["benchmark", "in_distribution", "model", "loss", "detector", "column", "group",
+              "metric", "mean", "std", "n", "ci95_low", "ci95_high", "unit"]
+    rows: list[list[Any]] = []
+
+    def line(g: dict[str, Any], loss: str, det: str, col: str, grp: str, metric: str,
+             c: dict[str, Any], unit: str) -> None:
+        lo, hi = c.get("ci95", ("", ""))
+        rows.append([g["benchmark"], g["in_distribution"], g["model"], loss, det, col, grp,
+                     metric, c["mean"], c["std"], c["n"], lo, hi, unit])
+
+    for g in rep["groups"]:
+        for loss, cls in g["classification"].items():
+            for state in ("uncalibrated", "calibrated"):
+                for k, c in cls.get(state, {}).items():
+                    line(g, loss, "", state, "", k, c, "nats" if k == "nll" else "fraction")
+            if "temperature" in cls:
+                line(g, loss, "", "calibrated", "", "temperature", cls["temperature"], "")
+        for r in g["rows"]:
+            if "cost" in r:
+                line(g, r["loss"], r["detector"], "", "", "cost", r["cost"], "forward passes")
+            for col in columns(g):
+                grp = g["ood_sets"].get(col, "mean")
+                cells = r["ood"].get(col) or r["means"].get(col) or {}
+                for k, c in cells.items():
+                    line(g, r["loss"], r["detector"], col, grp, k, c, "fraction")
+    return _csv(header, rows)
+
+
+def comparison_csv(cmp: dict[str, Any]) -> str:
+    header = ["benchmark", "in_distribution", "model", "loss", "detector", "column", "metric",
+              "a", "b", "delta", "unit"]
+    rows: list[list[Any]] = []
+    for g in cmp["groups"]:
+        for loss, ms in g["classification"].items():
+            for k, v in ms.items():
+                rows.append([g["benchmark"], g["in_distribution"], g["model"], loss, "", "", k,
+                             v["a"], v["b"], v["delta"], "nats" if k == "nll" else "fraction"])
+        for r in g["rows"]:
+            for col, ms in r["columns"].items():
+                for k, v in ms.items():
+                    rows.append([g["benchmark"], g["in_distribution"], g["model"], r["loss"],
+                                 r["detector"], col, k, v["a"], v["b"], v["delta"], "fraction"])
+    return _csv(header, rows)

@@ -1,0 +1,210 @@
+"""`oodbench report` on metrics.json files written by hand (no training): formats, filters,
+means, compare, paper style, schema, CI gates (exit codes both ways), bootstrap and plots."""
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from jsonschema_lite import errors
+from typer.testing import CliRunner
+
+from oodbench.cli import app
+from oodbench.metrics import ood_metrics
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "oodbench" / "schemas"
+                     / "report.schema.json").read_text())
+OOD = {"near1": "near", "gaussian": "far"}
+runner = CliRunner()
+
+
+def write_run(root: Path, loss: str, seed: int, shift: float) -> Path:
+    """A run folder with saved scores, cached test logits and the metrics.json `score` writes;
+    `shift` moves in-distribution scores up (bigger = easier)."""
+    rng = np.random.default_rng(seed)
+    run = root / f"{loss}-seed{seed}"
+    detectors = {}
+    for det, extra in (("msp", 0.0), ("mmles", 0.5)):
+        in_s = rng.normal(shift + extra, 1.0, 200)
+        sets = {"near1": rng.normal(shift / 2, 1.0, 150), "gaussian": rng.normal(0, 1.0, 150)}
+        for name, s in {"digits": in_s, **sets}.items():
+            (run / "scores" / det).mkdir(parents=True, exist_ok=True)
+            np.save(run / "scores" / det / f"{name}.npy", s.astype(np.float32))
+        detectors[det] = {"ood": {o: ood_metrics(in_s, s) for o, s in sets.items()},
+                          "cost": 1.0 + extra / 10, "temperature": 1.0,
+                          "selection": {"added by": "another helper"}}  # extra keys tolerated
+    logits = rng.normal(0, 1, (200, 3)) * 3
+    labels = np.where(rng.random(200) < 0.8, logits.argmax(1), rng.integers(0, 3, 200))
+    (run / "cache" / "k1").mkdir(parents=True)
+    np.save(run / "cache" / "k1" / "logits.npy", logits.astype(np.float32))
+    np.save(run / "cache" / "k1" / "labels.npy", labels)
+    cls = {"accuracy": 0.8 + shift / 100, "ece": 0.05, "nll": 0.6}
+    metrics = {
+        "schema": "oodbench.metrics/1", "run": str(run), "benchmark": "toy",
+        "in_distribution": "digits", "model": "smallcnn8", "loss": loss, "seed": seed,
+        "ood_sets": OOD, "n": {"digits": 200, "near1": 150, "gaussian": 150},
+        "classification": {"uncalibrated": cls, "calibrated": {**cls, "ece": 0.02}},
+        "calibration": {"temperature": 1.5}, "detectors": detectors,
+        "test_set": "digits", "cache_keys": {"digits": "k1"}, "weights": "ab" * 32,
+        "environment": {"torch": "x", "device": "cpu", "platform": "p"},
+        "provenance": {"packages": {"torch": "x"}, "device": {"device": "cpu"},
+                       "git": None, "datasets": {"digits": "f" * 64}, "config": {"seed": seed},
+                       "config_sha256": "c" * 64, "created": "now"},
+        "unknown_future_key": [1, 2, 3],
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "manifest.json").write_text(json.dumps(  # what `train` writes
+        {"data": {"train": {"sha256": "e" * 64}}, "epochs": 3, "final": {"loss": 0.1}}))
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    root = tmp_path / "runs" / "toy"
+    for seed in (0, 1):
+        write_run(root, "softmax", seed, 1.0)
+        write_run(root, "dismax", seed, 3.0)
+    return root
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["report", *map(str, args)], catch_exceptions=False)
+
+
+def test_json_matches_schema_and_aggregates(runs: Path):
+    res = invoke(runs, "-f", "json", "--no-write")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert errors(doc, SCHEMA) == []
+    (g,) = doc["groups"]
+    assert list(g["ood_sets"]) == ["near1", "gaussian"] and g["seeds"] == [0, 1]
+    row = next(r for r in g["rows"] if (r["loss"], r["detector"]) == ("dismax", "msp"))
+    per_seed = [json.loads((runs / f"dismax-seed{s}" / "metrics.json").read_text())
+                ["detectors"]["msp"]["ood"] for s in (0, 1)]
+    aurocs = [p["near1"]["auroc"] for p in per_seed]
+    cell = row["ood"]["near1"]["auroc"]
+    assert cell["mean"] == pytest.approx(np.mean(aurocs))
+    assert cell["std"] == pytest.approx(np.std(aurocs, ddof=1)) and cell["n"] == 2
+    means = [np.mean([p[o]["auroc"] for o in OOD]) for p in per_seed]
+    assert row["means"]["all"]["auroc"]["mean"] == pytest.approx(np.mean(means))
+    assert row["means"]["far"]["auroc"]["mean"] == pytest.approx(
+        np.mean([p["gaussian"]["auroc"] for p in per_seed]))
+    assert row["cost"]["mean"] == pytest.approx(1.0)
+    assert g["classification"]["dismax"]["temperature"]["mean"] == 1.5
+    manifest = doc["manifest"]
+    assert len(manifest["runs"]) == 4
+    assert manifest["runs"][0]["datasets"] == {"digits": "f" * 64}
+    assert manifest["runs"][0]["training"] == {"data": {"train": {"sha256": "e" * 64}},
+                                               "epochs": 3}
+    assert manifest["report_packages"]["numpy"] == np.__version__
+
+
+def test_schema_rejects_a_broken_report(runs: Path):
+    doc = json.loads(invoke(runs, "-f", "json", "--no-write").stdout)
+    doc["groups"][0]["rows"][0]["ood"]["near1"]["auroc"]["std"] = -1
+    del doc["manifest"]
+    assert len(errors(doc, SCHEMA)) >= 1
+
+
+def test_filters_and_files(runs: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    res = invoke(runs, "--metric", "auroc", "--ood", "gaussian", "-d", "mmles", "--loss",
+                 "dismax", "-o", out, "-f", "markdown")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "report.json").read_text())
+    (g,) = doc["groups"]
+    assert [(r["loss"], r["detector"]) for r in g["rows"]] == [("dismax", "mmles")]
+    assert list(g["ood_sets"]) == ["gaussian"]
+    assert set(g["rows"][0]["ood"]["gaussian"]) == {"auroc"}
+    assert errors(doc, SCHEMA) == []
+    assert "AUROC" in res.stdout and "near1" not in res.stdout
+    rows = list(csv.DictReader(io.StringIO((out / "report.csv").read_text())))
+    ood_rows = [r for r in rows if r["metric"] == "auroc"]
+    assert {r["column"] for r in ood_rows} == {"gaussian", "all"}
+    assert all(r["unit"] == "fraction" for r in ood_rows)
+    assert "**" in (out / "report.md").read_text()
+
+
+def test_unknown_metric_is_a_clean_error(runs: Path):
+    res = invoke(runs, "--metric", "auc")
+    assert res.exit_code == 2 and "unknown metric" in res.output
+
+
+@pytest.mark.parametrize(("gate", "code"), [
+    (["--fail-under", "auroc=0.5"], 0),
+    (["--fail-under", "auroc=0.99"], 1),
+    (["--fail-under", "auroc:gaussian:dismax=0.9"], 0),
+    (["--fail-under", "auroc:near1:softmax=0.9"], 1),
+    (["--fail-over", "fpr_at_tpr95=1.0"], 0),
+    (["--fail-over", "fpr_at_tpr95:mmles=0.05"], 1),
+    (["--fail-under", "accuracy=0.7", "--fail-over", "ece:calibrated=0.03"], 0),
+    (["--fail-over", "cost=1.01"], 1),
+])
+def test_gates_exit_codes(runs: Path, gate: list[str], code: int):
+    res = invoke(runs, "--no-write", *gate)
+    assert res.exit_code == code, res.output
+    assert ("FAIL" in res.output) == bool(code)
+
+
+def test_gate_prints_the_failed_cells(runs: Path):
+    res = invoke(runs, "--no-write", "--fail-under", "auroc:mean=0.99", "-d", "msp")
+    assert res.exit_code == 1
+    fails = [line for line in res.output.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 2 and all("msp" in f and "mean" in f for f in fails)
+
+
+@pytest.mark.parametrize("spec", ["auroc:cifar=0.9", "auroc", "auroc=high", "speed=1",
+                                  "auroc=90"])
+def test_bad_gates_are_errors(runs: Path, spec: str):
+    res = invoke(runs, "--no-write", "--fail-under", spec)
+    assert res.exit_code == 2, res.output
+
+
+def test_compare_shows_deltas(runs: Path, tmp_path: Path):
+    res = invoke("--compare", runs / "softmax-seed0", runs / "softmax-seed1", "-o", tmp_path,
+                 "--metric", "auroc")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "comparison.json").read_text())
+    assert errors(doc, SCHEMA) == []
+    a = json.loads((runs / "softmax-seed0" / "metrics.json").read_text())
+    b = json.loads((runs / "softmax-seed1" / "metrics.json").read_text())
+    cell = next(r for r in doc["groups"][0]["rows"] if r["detector"] == "msp")["columns"]
+    want = b["detectors"]["msp"]["ood"]["gaussian"]["auroc"] - \
+        a["detectors"]["msp"]["ood"]["gaussian"]["auroc"]
+    assert cell["gaussian"]["auroc"]["delta"] == pytest.approx(want)
+    assert "→" in res.stdout
+
+
+def test_paper_style(runs: Path):
+    res = invoke(runs, "--style", "paper", "-f", "markdown", "--no-write",
+                 "--pair", "softmax:msp", "--pair", "dismax:mmles")
+    assert res.exit_code == 0, res.output
+    assert "TNR@95 softmax+msp" in res.stdout and "DTACC dismax+mmles" in res.stdout
+    assert "| near1 (near) |" in res.stdout
+    res = invoke(runs, "--style", "paper", "--no-write", "--pair", "isomax:es")
+    assert res.exit_code == 2
+
+
+def test_bootstrap_interval(runs: Path):
+    res = invoke(runs, "-f", "json", "--no-write", "--bootstrap", "50", "-d", "msp",
+                 "--metric", "auroc")
+    doc = json.loads(res.stdout)
+    assert errors(doc, SCHEMA) == []
+    for r in doc["groups"][0]["rows"]:
+        for cell in [*(c["auroc"] for c in r["ood"].values()), r["means"]["all"]["auroc"]]:
+            lo, hi = cell["ci95"]
+            assert lo <= hi and lo - 0.05 < cell["mean"] < hi + 0.05
+
+
+def test_plots_are_written(runs: Path, tmp_path: Path):
+    res = invoke(runs, "--no-write", "--plots", tmp_path / "figs", "-d", "msp")
+    assert res.exit_code == 0, res.output
+    files = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert files == ["toy_dismax_seed0_msp_hist.png", "toy_dismax_seed0_msp_roc.png",
+                     "toy_dismax_seed0_reliability.png", "toy_softmax_seed0_msp_hist.png",
+                     "toy_softmax_seed0_msp_roc.png", "toy_softmax_seed0_reliability.png"]
+    for f in (tmp_path / "figs").iterdir():
+        data = f.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
