@@ -34,6 +34,7 @@ class Criterion(nn.Module):
     """Base class for criteria: `preprocess` is the identity unless a loss augments batches."""
 
     aux: tuple[str, ...] = ()  # auxiliary model outputs `training_loss` needs (ModelOutput.aux)
+    max_grad_norm: float | None = None  # gradient-norm clipping the loss needs to train stably
 
     def preprocess(self, inputs: torch.Tensor, targets: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
