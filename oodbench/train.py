@@ -211,7 +211,7 @@ def train(run: Run, ctx: DataContext, device: torch.device,
                 counted += int(clean.sum())
                 hard = targets if targets.dim() == 1 else targets[:, 0]
                 correct += ((out.logits.detach().argmax(1) == hard) & clean).sum()
-                reporter.step(float(loss), float(correct) / max(counted, 1),
+                reporter.step(float(loss.detach()), float(correct) / max(counted, 1),
                               seen_now / max(time.perf_counter() - tic, 1e-9))
                 partial = {"loss_sum": float(loss_sum), "correct": float(correct), "seen": seen,
                            "counted": counted}
