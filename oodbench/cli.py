@@ -46,10 +46,13 @@ def _threads() -> None:
 
 @app.command()
 def train(
-    benchmark: Annotated[str, typer.Option(
-        help="Benchmark name (see `oodbench list benchmarks`) or YAML file.")] = "digits",
-    loss: Annotated[str, typer.Option(help="Loss (see `oodbench list losses`).")] = "dismax",
-    seed: Annotated[int, typer.Option(help="Random seed of this run.")] = 0,
+    benchmark: Annotated[str | None, typer.Option(
+        help="Benchmark name (see `oodbench list benchmarks`) or YAML file. [default: digits]")
+    ] = None,
+    loss: Annotated[str | None, typer.Option(
+        help="Loss (see `oodbench list losses`). [default: dismax]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed of this run. [default: 0]")
+                    ] = None,
     epochs: Annotated[int | None, typer.Option(
         help="Override the benchmark's number of epochs.")] = None,
     run_dir: Annotated[Path | None, typer.Option(
@@ -94,12 +97,13 @@ def _parse_options(items: list[str]) -> dict[str, object]:
     return out
 
 
-def _train(benchmark: str, loss: str, seed: int, epochs: int | None, run_dir: Path | None,
-           data_root: Path | None, device: str, loss_options: dict | None = None,
-           mixed_precision: bool | None = None) -> Path:
+def _train(benchmark: str | None, loss: str | None, seed: int | None, epochs: int | None,
+           run_dir: Path | None, data_root: Path | None, device: str,
+           loss_options: dict | None = None, mixed_precision: bool | None = None) -> Path:
     from oodbench.config import RunConfig, load_benchmark
     from oodbench.console import RichTrainReporter, console, make_progress
     from oodbench.data import DataContext
+    from oodbench.data.availability import require_benchmark_data
     from oodbench.experiment import pick_device
     from oodbench.losses import LOSSES
     from oodbench.models import check_block_activation
@@ -107,16 +111,19 @@ def _train(benchmark: str, loss: str, seed: int, epochs: int | None, run_dir: Pa
     from oodbench.train import make_criterion
     from oodbench.train import train as train_loop
 
-    if run_dir is not None and (run_dir / "config.yaml").exists():
-        run = Run.open(run_dir)
+    explicit = (benchmark, loss, seed, epochs) != (None, None, None, None) or bool(loss_options)
+    if run_dir is not None and (run_dir / "config.yaml").exists() and not explicit:
+        run = Run.open(run_dir)  # resume / finish the run as configured
     else:
-        bench = load_benchmark(benchmark)
+        bench = load_benchmark(benchmark or "digits")
+        loss = loss or "dismax"
         check_block_activation(bench.model, LOSSES.get(loss).block_activation, loss)
         if epochs is not None:
             bench.train.epochs = epochs
-        cfg = RunConfig(bench, loss, seed,
+        require_benchmark_data(bench, DataContext.resolve(data_root))
+        cfg = RunConfig(bench, loss, 0 if seed is None else seed,
                         {**bench.loss_options.get(loss, {}), **(loss_options or {})})
-        run = Run.create(run_dir or default_run_dir(cfg), cfg)
+        run = Run.create(run_dir or default_run_dir(cfg), cfg)  # refuses a different config
     cfg = run.config()
     make_criterion(cfg)  # bad loss options fail here, before any data is loaded
     dev = pick_device(device)
@@ -218,6 +225,17 @@ def score(
         help="Detector to score (repeatable; default: the benchmark's list).")] = None,
     calibrated: Annotated[bool, typer.Option(
         help="Use the run's calibrated temperature in probability-based scores.")] = False,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", "-p",
+        help="Detector hyperparameter DETECTOR.NAME=VALUE (repeatable; VALUE is YAML), e.g. "
+             "odin.T=100, mahalanobis.layer=block2, odin.eps_grid=[0,0.001].")] = None,
+    selection: Annotated[str | None, typer.Option(
+        help="How tuned detectors (odin, mahalanobis*) choose hyperparameters / weights: none "
+             "(defaults), id (in-dist validation only), fgsm (in-dist validation vs FGSM copies; "
+             "no OOD data), ood (needs --ood-validation).")] = None,
+    ood_validation: Annotated[str | None, typer.Option(
+        help="Dataset used as OOD validation data with --selection ood (explicit opt-in).")
+    ] = None,
     data_root: DataRoot = None,
     device: Device = "auto",
 ) -> None:
@@ -226,26 +244,49 @@ def score(
     Forward outputs are cached in the run folder, so scoring again (or with other gradient-free
     detectors) runs no forward pass.
 
-    Example: `oodbench score runs/digits/dismax-seed0 -d msp -d mmles`
+    Example: `oodbench score runs/digits/dismax-seed0 -d msp -d mmles` ·
+    `oodbench score RUN -d odin --selection fgsm` · `oodbench score RUN -d odin -p odin.T=100`
     """
     try:
-        _score(run_dir, detector, calibrated, data_root, device)
+        _score(run_dir, detector, calibrated, data_root, device, param, selection,
+               ood_validation)
     except OodbenchError as e:
         _fail(e)
 
 
+def parse_params(items: list[str] | None) -> dict[str, dict[str, object]]:
+    """["odin.T=100", ...] → {"odin": {"T": 100}}; values are parsed as YAML."""
+    import yaml
+
+    out: dict[str, dict[str, object]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        det, dot, name = key.rpartition(".")
+        if not (sep and dot and det and name):
+            raise OodbenchError(f"bad --param {item!r}",
+                                "write DETECTOR.NAME=VALUE, e.g. odin.T=100")
+        try:
+            out.setdefault(det, {})[name] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise OodbenchError(f"bad value in --param {item!r}: {e}") from None
+    return out
+
+
 def _score(run_dir: Path, detectors: list[str] | None, calibrated: bool, data_root: Path | None,
-           device: str) -> None:
+           device: str, param: list[str] | None = None, selection: str | None = None,
+           ood_validation: str | None = None) -> None:
     from oodbench.console import console, out, progress_factory
     from oodbench.data import DataContext
+    from oodbench.data.availability import require_benchmark_data
     from oodbench.experiment import pick_device
     from oodbench.pipeline import score_run
     from oodbench.runs import Run
 
     run = Run.open(run_dir)
+    require_benchmark_data(run.config().benchmark, DataContext.resolve(data_root))
     with progress_factory() as pf:
         m = score_run(run, DataContext.resolve(data_root), pick_device(device), detectors,
-                      calibrated, pf)
+                      calibrated, pf, parse_params(param), selection, ood_validation)
     hits = [line for line in m["forward_log"] if line.endswith("cache hit")]
     if hits and len(hits) == len(m["forward_log"]):
         console.print("[green]all outputs from the cache: no forward pass was run")
@@ -256,10 +297,19 @@ def _score(run_dir: Path, detectors: list[str] | None, calibrated: bool, data_ro
     t.add_column("detector")
     for o in m["ood_sets"]:
         t.add_column(o, justify="right")
+    t.add_column("cost", justify="right")
     for d, r in m["detectors"].items():
         t.add_row(d, *[f"{r['ood'][o]['auroc']:.1%} / {r['ood'][o]['fpr_at_tpr95']:.1%}"
-                       for o in m["ood_sets"]])
+                       if o in r["ood"] else "n/a" for o in m["ood_sets"]],
+                  f"{r.get('cost', float('nan')):.2f}×")
     out.print(t)
+    for d, r in m["detectors"].items():
+        for s, n in r.get("nonfinite", {}).items():
+            console.print(f"[bold red]{d}: {n} NaN/infinite score(s) on {s}; no metric computed")
+        sel = r.get("selection", {})
+        if sel.get("mode", "none") != "none":
+            console.print(f"{d}: selection {sel['mode']} on {sel.get('validation')} vs "
+                          f"{sel.get('negatives')}: {sel.get('chosen', sel.get('weights'))}")
     out.print(f"test accuracy {m['classification']['uncalibrated']['accuracy']:.2%}; "
               f"metrics in {run.metrics_path}")
 
@@ -354,6 +404,7 @@ def _run(benchmark: str, losses: list[str] | None, seeds: int | None, epochs: in
     from oodbench.config import RunConfig, load_benchmark
     from oodbench.console import console, progress_factory
     from oodbench.data import DataContext
+    from oodbench.data.availability import require_benchmark_data
     from oodbench.experiment import pick_device
     from oodbench.pipeline import calibrate_run, score_run
     from oodbench.runs import Run, default_run_dir
@@ -362,6 +413,7 @@ def _run(benchmark: str, losses: list[str] | None, seeds: int | None, epochs: in
     if epochs is not None:
         bench.train.epochs = epochs
     ctx = DataContext.resolve(data_root)
+    require_benchmark_data(bench, ctx)
     dev = pick_device(device)
     chosen = losses or bench.losses
     run_dirs = []
@@ -378,6 +430,44 @@ def _run(benchmark: str, losses: list[str] | None, seeds: int | None, epochs: in
                 score_run(run_dir, ctx, dev, None, False, pf)
             run_dirs.append(path)
     _report([runs_root / bench.name], ("auroc", "fpr_at_tpr95"), None)
+
+
+@app.command()
+def data(
+    download: Annotated[list[str] | None, typer.Option(
+        "--download", help="Download this dataset into the data root first (repeatable; "
+        "torchvision, needs internet; only mnist, fashionmnist, kmnist, cifar10, cifar100, "
+        "svhn).")] = None,
+    data_root: DataRoot = None,
+) -> None:
+    """List every dataset: status on this machine (present / missing / checksum mismatch),
+    size on disk and how to get it. Nothing is downloaded unless `--download` names it.
+
+    Example: `oodbench data --data-root ../shared/data` · `oodbench data --download cifar10`
+    """
+    try:
+        _data(download or [], data_root)
+    except OodbenchError as e:
+        _fail(e)
+
+
+def _data(download: list[str], data_root: Path | None) -> None:
+    from oodbench.console import out
+    from oodbench.data import DataContext
+    from oodbench.data.status import dataset_statuses, human_size
+    from oodbench.data.status import download as fetch
+
+    ctx = DataContext.resolve(data_root, download=bool(download))
+    fetch(download, ctx)
+    colour = {"present": "green", "missing": "yellow", "checksum mismatch": "bold red"}
+    t = Table(title=f"datasets under {ctx.root.resolve()} (cache: {ctx.cache_root})")
+    for c in ("dataset", "status", "size", "how to get it"):
+        t.add_column(c, justify="right" if c == "size" else "left")
+    for r in dataset_statuses(ctx):
+        t.add_row(r.name, f"[{colour.get(r.status, 'white')}]{r.status}[/]",
+                  human_size(r.size_bytes) if r.size_bytes else "",
+                  "" if r.status == "present" else r.how_to_get)
+    out.print(t)
 
 
 @app.command("list")

@@ -136,20 +136,20 @@ class BenchmarkConfig:
 
     def validate(self, source: str = "<benchmark>") -> None:
         """Names are checked against the registries up front, not halfway through a run."""
-        from oodbench.data import DATASETS
+        from oodbench.data import get_dataset
         from oodbench.detectors import DETECTORS
         from oodbench.losses import LOSSES
         from oodbench.models import MODELS
 
         self.train.validate()
         MODELS.get(self.model)
-        DATASETS.get(self.dataset)
+        get_dataset(self.dataset)
         for loss in self.losses:
             from oodbench.models import check_block_activation
 
             check_block_activation(self.model, LOSSES.get(loss).block_activation, loss)
         if self.normalization is not None:
-            channels = DATASETS.get(self.dataset).info_for().channels
+            channels = get_dataset(self.dataset).info_for().channels
             norm = self.normalization
             if (not isinstance(norm, dict) or set(norm) != {"mean", "std"}
                     or any(len(norm[k]) != channels for k in norm)
@@ -160,7 +160,7 @@ class BenchmarkConfig:
         for det in self.detectors:
             DETECTORS.get(det)
         for o in self.ood:
-            DATASETS.get(o.dataset)
+            get_dataset(o.dataset)
         names = [o.name for o in self.ood]
         if len(set(names)) != len(names):
             raise OodbenchError(f"{source}: OOD set names repeat: {names}",

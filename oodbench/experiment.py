@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from oodbench.config import OODSet, RunConfig
-from oodbench.data import DATASETS, DataContext, DatasetInfo, ImageSet, InputTransform
+from oodbench.data import DataContext, DatasetInfo, ImageSet, InputTransform, get_dataset
 from oodbench.errors import OodbenchError
 from oodbench.losses import LOSSES
 from oodbench.models import Classifier, build_classifier, check_block_activation
@@ -16,7 +16,7 @@ from oodbench.models import Classifier, build_classifier, check_block_activation
 
 def in_distribution_info(cfg: RunConfig) -> DatasetInfo:
     bench = cfg.benchmark
-    info = DATASETS.get(bench.dataset).info_for()
+    info = get_dataset(bench.dataset).info_for()
     if bench.classes:
         names = info.class_names
         info = replace(info, num_classes=len(bench.classes),
@@ -34,7 +34,7 @@ def load_in_distribution(cfg: RunConfig, split: str, ctx: DataContext) -> ImageS
     (never the test split), and train is the rest.
     """
     bench = cfg.benchmark
-    source = DATASETS.get(bench.dataset)
+    source = get_dataset(bench.dataset)
     if split in ("train", "val") and "val" not in source.splits:
         full = source.load("train", ctx)
         g = torch.Generator().manual_seed(1234)
@@ -52,7 +52,7 @@ def load_ood(cfg: RunConfig, ood: OODSet, ctx: DataContext) -> tuple[ImageSet, I
     """An OOD set and the transform that feeds it to the model (the model's normalisation, plus
     resize / channel adaptation only when the benchmark asks for it)."""
     like = in_distribution_info(cfg)
-    data = DATASETS.get(ood.dataset).load(ood.split, ctx, like=like)
+    data = get_dataset(ood.dataset).load(ood.split, ctx, like=like)
     if ood.classes:
         data = data.select_classes(list(ood.classes))
         data = ImageSet(data.name, data.images, torch.full_like(data.labels, -1), data.info)

@@ -14,7 +14,7 @@ import yaml
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)`, then rename tmp over `path` (same folder, so the rename is atomic)."""
+    """Call `write(tmp_path)`, then rename tmp over `path` (same folder: an atomic rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

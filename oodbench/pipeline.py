@@ -22,7 +22,8 @@ from oodbench import __version__
 from oodbench.cache import OutputCache, Outputs, model_digest
 from oodbench.calibrate import fit_temperature
 from oodbench.data import DataContext, ImageSet, InputTransform
-from oodbench.detectors import DETECTORS, DetectorInput
+from oodbench.detectors import DETECTORS, Detector, DetectorInput
+from oodbench.detectors.gradients import GRAD_BATCH
 from oodbench.errors import OodbenchError
 from oodbench.experiment import build_model, in_distribution_info, load_in_distribution, load_ood
 from oodbench.io import write_json
@@ -95,15 +96,65 @@ def calibrate_run(run: Run, ctx: DataContext, device: torch.device, objective: s
     return result
 
 
+def build_detectors(names: list[str], params: dict[str, dict[str, Any]] | None = None,
+                    selection: str | None = None) -> dict[str, Detector]:
+    """Detectors by name with user hyperparameters; `selection` applies to every detector that
+    has a selection step (ODIN, Mahalanobis)."""
+    params = params or {}
+    unknown = set(params) - set(names)
+    if unknown:
+        raise OodbenchError(f"hyperparameters given for detector(s) not scored: {sorted(unknown)}",
+                            "add them with --detector, or fix the name before the dot")
+    dets = {}
+    for n in names:
+        hp = dict(params.get(n, {}))
+        cls = DETECTORS.get(n)
+        if selection is not None and cls.selection_modes and "selection" not in hp:
+            hp["selection"] = selection
+        dets[n] = cls(**hp)
+    if selection is not None and not any(d.selection_modes for d in dets.values()):
+        raise OodbenchError(f"--selection {selection} given, but none of {names} selects anything",
+                            "selection applies to odin, mahalanobis and mahalanobis-ensemble")
+    return dets
+
+
+def time_forward(model: Classifier, data: ImageSet, transform: InputTransform,
+                 device: torch.device, n: int = 1024, batch_size: int = GRAD_BATCH) -> float:
+    """Seconds per sample of a plain no-grad forward pass over (up to) n samples, after one
+    warm-up batch: the reference for every detector's cost, measured in the same run. Timing
+    only; its outputs are discarded (the cache holds the real ones)."""
+    images = data.images[:n].to(device)
+    model.eval()
+    with torch.no_grad():
+        model(transform(images[:batch_size]))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        for start in range(0, len(images), batch_size):
+            model(transform(images[start:start + batch_size]))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return (time.perf_counter() - tic) / len(images)
+
+
 def score_run(run: Run, ctx: DataContext, device: torch.device,
               detectors: list[str] | None = None, calibrated: bool = False,
-              progress: ProgressFactory = _no_progress) -> dict[str, Any]:
+              progress: ProgressFactory = _no_progress,
+              params: dict[str, dict[str, Any]] | None = None, selection: str | None = None,
+              ood_validation: str | None = None) -> dict[str, Any]:
     """Score every detector on the in-distribution test set and every OOD set; write scores and
-    metrics.json. `calibrated` makes probability-based detectors use the fitted temperature."""
+    metrics.json. `calibrated` makes probability-based detectors use the fitted temperature.
+
+    Honest validation: `fit` sees only in-distribution TRAIN data and `select` only the
+    in-distribution validation split, plus the OOD validation set `ood_validation` only for
+    detectors whose selection mode is "ood" (never by default). All fitting and selection is done
+    before any OOD test set is handed to a detector. Non-finite scores are counted and reported
+    per detector and set, and no metric is computed from them."""
     cfg = run.config()
     bench = cfg.benchmark
     names = detectors or list(bench.detectors)
-    classes = [DETECTORS.get(n) for n in names]
+    dets = build_detectors(names, params, selection)
+    needs = set().union(*(d.needs for d in dets.values()))
     temperature = 1.0
     calibration = run.calibration()
     if calibrated:
@@ -111,6 +162,13 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
             raise OodbenchError(f"{run.path} is not calibrated",
                                 f"run `oodbench calibrate {run.path}` first, or drop --calibrated")
         temperature = float(calibration["temperature"])
+    wants_ood_val = [n for n, d in dets.items() if d.selection_mode == "ood"]
+    if wants_ood_val and not ood_validation:
+        raise OodbenchError(f"{wants_ood_val} select on OOD validation data, but none was named",
+                            "pass --ood-validation DATASET, or use --selection fgsm / id")
+    if ood_validation and not wants_ood_val:
+        raise OodbenchError("--ood-validation is used only with --selection ood",
+                            "add --selection ood (OOD data is never used unless asked)")
 
     lr = LoadedRun.load(run, device, progress)
     if calibration is not None and calibration.get("weights") != lr.weights:
@@ -118,7 +176,11 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
         if calibrated:
             raise OodbenchError("the calibration is from an older checkpoint",
                                 f"run `oodbench calibrate {run.path}` again")
-    blocks = lr.model.block_names if any("blocks" in c.needs for c in classes) else ()
+    blocks = lr.model.block_names if "blocks" in needs else ()
+    if "blocks" in needs and not blocks:
+        users = [n for n, d in dets.items() if "blocks" in d.needs]
+        raise OodbenchError(f"{users} need block outputs; model {bench.model!r} exposes none",
+                            "use a model with named blocks (smallcnn8, smallcnn28, resnet18...)")
     info = in_distribution_info(cfg)
     model_transform = InputTransform.for_model(info)
 
@@ -127,48 +189,82 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
     for o in bench.ood:  # all loaded (and shape-checked) before any detector runs
         data, tf = load_ood(cfg, o, ctx)
         sets.append((data, tf, o.group))
-    outputs = {d.name: lr.outputs(d, tf, blocks) for d, tf, _ in sets}
-    fit_outputs = None
-    if any(c.requires_fit for c in classes):
-        train = load_in_distribution(cfg, "train", ctx)
-        fit_outputs = (train, lr.outputs(train, model_transform, blocks))
+    # One forward pass per set, shared by every gradient-free detector; the test set always
+    # (classification metrics), OOD sets only when some detector reads cached outputs.
+    cached = bool(needs & {"logits", "features", "blocks"})
+    outputs = {d.name: lr.outputs(d, tf, blocks) for d, tf, _ in sets
+               if cached or d.name == test.name}
 
-    def detector_input(data: ImageSet, tf: InputTransform, out: Outputs) -> DetectorInput:
+    def detector_input(data: ImageSet, tf: InputTransform, out: Outputs | None) -> DetectorInput:
+        if out is None:
+            return DetectorInput(data.name, None, data.labels.cpu(), None, {}, temperature,
+                                 lr.model, data.to(device), tf, device)
         return DetectorInput(data.name, out.logits, out.labels, out.features, out.blocks,
-                             temperature, lr.model, data, tf, device)
+                             temperature, lr.model, data.to(device), tf, device)
 
-    forward_per_sample = outputs[test.name].forward_seconds / len(test)
+    # Phase 1: fit and select, on in-distribution train / validation data only.
+    setup_seconds: dict[str, dict[str, float]] = {n: {} for n in dets}
+    if any(d.requires_fit for d in dets.values()):
+        train = load_in_distribution(cfg, "train", ctx)
+        train_in = detector_input(train, model_transform,
+                                  lr.outputs(train, model_transform, blocks))
+        for n, det in dets.items():
+            if det.requires_fit:
+                tic = time.perf_counter()
+                det.fit(train_in)
+                setup_seconds[n]["fit"] = time.perf_counter() - tic
+    selecting = [n for n, d in dets.items() if d.selection_modes]
+    if selecting:
+        val = load_in_distribution(cfg, "val", ctx)
+        val_in = detector_input(val, model_transform, lr.outputs(val, model_transform, blocks))
+        ood_val_in = None
+        if ood_validation:
+            from oodbench.config import OODSet
+
+            vdata, vtf = load_ood(cfg, OODSet(dataset=ood_validation,
+                                              name=f"{ood_validation}-validation", adapt=True),
+                                  ctx)
+            ood_val_in = detector_input(vdata, vtf, lr.outputs(vdata, vtf, blocks))
+        for n in selecting:
+            tic = time.perf_counter()
+            dets[n].select(val_in, ood_val_in if n in wants_ood_val else None)
+            setup_seconds[n]["select"] = time.perf_counter() - tic
+
+    # Phase 2: score every set.
+    reference = time_forward(lr.model, test, model_transform, device)
     results: dict[str, Any] = {}
-    for name, cls in zip(names, classes, strict=True):
-        det = cls()
-        if cls.requires_fit:
-            assert fit_outputs is not None
-            det.fit(detector_input(fit_outputs[0], model_transform, fit_outputs[1]))
-        per_set, seconds, n_scored = {}, 0.0, 0
+    for name, det in dets.items():
+        per_set, seconds, n_scored, nonfinite = {}, 0.0, 0, {}
         for data, tf, _group in sets:
             tic = time.perf_counter()
-            s = det(detector_input(data, tf, outputs[data.name]))
+            s = det(detector_input(data, tf, outputs.get(data.name)))
             seconds += time.perf_counter() - tic
             n_scored += len(s)
             bad = int((~np.isfinite(s)).sum())
             if bad:
-                raise OodbenchError(
-                    f"detector {name!r} gave {bad} NaN/infinite score(s) of {len(s)} on "
-                    f"{data.name!r}; no metric is computed from such scores",
-                    "check the model's outputs on that set (e.g. a diverged training)")
+                nonfinite[data.name] = bad
             path = run.scores_dir / name / f"{data.name}.npy"
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, s.astype(np.float32))
             per_set[data.name] = s
         in_scores = per_set.pop(test.name)
-        # Inference cost relative to one plain forward pass: a gradient-free detector adds its
-        # own time to the shared forward pass; a gradient detector runs its own passes.
-        ratio = (seconds / n_scored) / max(forward_per_sample, 1e-12)
+        # Inference cost relative to one plain forward pass measured in this run: a detector
+        # that reads the cache adds its own time to the shared forward pass; one that runs the
+        # model itself (ODIN, preprocessing) replaces it.
+        ratio = (seconds / n_scored) / max(reference, 1e-12)
+        ood = {}
+        if test.name not in nonfinite:
+            ood = {o: ood_metrics(in_scores, s) for o, s in per_set.items() if o not in nonfinite}
         results[name] = {
-            "ood": {ood: ood_metrics(in_scores, s) for ood, s in per_set.items()},
-            "cost": ratio if "grad" in cls.needs else 1.0 + ratio,
+            "ood": ood,
+            "cost": ratio if det.scores_with_model else 1.0 + ratio,
             "temperature": temperature,
+            "hparams": det.params,
+            "selection": det.selection,
+            "setup_seconds": setup_seconds[name],
         }
+        if nonfinite:
+            results[name]["nonfinite"] = nonfinite
 
     test_out = outputs[test.name]
     classification = {"uncalibrated": classification_metrics(test_out.logits, test_out.labels)}
@@ -188,7 +284,8 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
         "classification": classification,
         "calibration": calibration,
         "detectors": results,
-        "forward_seconds_per_sample": forward_per_sample,
+        "forward_seconds_per_sample": outputs[test.name].forward_seconds / len(test),
+        "reference_forward_seconds_per_sample": reference,
         "weights": lr.weights,
         "environment": {**environment(), "device": str(device)},
     }

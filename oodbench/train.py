@@ -238,6 +238,7 @@ def train(run: Run, ctx: DataContext, device: torch.device,
         save_checkpoint(run, _checkpoint(model, optimizer, epoch, step, history, False, partial,
                                          scaler))
         raise
+    write_manifest(run, device, {"train": train_set, "val": val_set}, history)
     return history
 
 
@@ -249,3 +250,18 @@ def make_criterion(cfg: RunConfig) -> Criterion:
     except TypeError as e:
         raise OodbenchError(f"bad option for loss {cfg.loss!r}: {e}",
                             "check `loss_options` in the benchmark or --loss-option") from None
+
+
+def write_manifest(run: Run, device: torch.device, data: dict[str, ImageSet],
+                   history: list[dict[str, Any]]) -> None:
+    """Provenance of the trained weights: versions, device, data fingerprints, final numbers."""
+    from oodbench.io import write_json
+    from oodbench.pipeline import environment
+
+    write_json(run.manifest_path, {
+        "environment": {**environment(), "device": str(device)},
+        "data": {k: {"name": d.name, "n": len(d), "sha256": d.fingerprint()}
+                 for k, d in data.items()},
+        "epochs": len(history),
+        "final": history[-1] if history else None,
+    })

@@ -25,7 +25,7 @@ CACHE_ENV = "OODBENCH_CACHE"
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts about a dataset: shape, classes and the normalisation a model trained on it uses."""
+    """Static facts about a dataset: shape, classes, and the normalisation its models use."""
 
     channels: int
     image_size: int
@@ -142,6 +142,14 @@ class DatasetSource:
     def status(self, ctx: DataContext) -> str:
         """'present', 'missing' or 'checksum mismatch' on this machine."""
         return "present"
+
+    def missing(self, ctx: DataContext) -> list[Path]:
+        """Files or folders this dataset needs that are absent (a cheap existence check, run
+        before any training so a benchmark fails up front, listing everything missing)."""
+        return []
+
+    def size_on_disk(self, ctx: DataContext) -> int:
+        return 0
 
     def how_to_get(self) -> str:
         return "built in; nothing to download"

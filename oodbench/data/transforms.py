@@ -36,7 +36,8 @@ class InputTransform:
         return InputTransform(self.mean, self.std, size, channels)
 
     def key(self) -> str:
-        return f"InputTransform(mean={self.mean},std={self.std},size={self.size},ch={self.channels})"
+        return (f"InputTransform(mean={self.mean},std={self.std},size={self.size},"
+                f"ch={self.channels})")
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         """Resize / change channels of a float batch in [0, 1]."""

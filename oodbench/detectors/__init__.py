@@ -1,6 +1,6 @@
-"""Detector registry. Importing this registers every detector."""
+"""Detector registry. Importing this registers every detector (one family per module)."""
 
-from oodbench.detectors import logit_scores  # noqa: F401  (registers the detectors)
+from oodbench.detectors import intermediate, logit_scores, mahalanobis, odin  # noqa: F401
 from oodbench.detectors.base import DETECTORS, Detector, DetectorInput, create
 
 __all__ = ["DETECTORS", "Detector", "DetectorInput", "create"]

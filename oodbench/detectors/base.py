@@ -4,7 +4,16 @@ needs statistics, `score` returns one float per sample, higher = more in-distrib
 A detector declares what it consumes (`needs`): cached forward outputs ("logits", "features",
 "blocks") and/or "grad" (it must run the model itself, e.g. ODIN's input preprocessing). The
 scoring pipeline computes the union of needs with ONE forward pass per dataset and hands each
-detector a `DetectorInput`; gradient-free detectors never touch the model.
+detector a `DetectorInput`; gradient-free detectors never touch the model. `needs` may depend on
+the hyperparameters (Mahalanobis needs "grad" only with input preprocessing), so the pipeline
+reads it from the instance.
+
+Detectors with a hyperparameter search or learned weights (ODIN, Mahalanobis) implement
+`select(val, ood_val)`. Its `selection` hyperparameter says what data it may use: "none" (the
+defaults), "id" (in-distribution validation data only), "fgsm" (in-distribution validation data
+plus FGSM-perturbed copies of it as stand-in OOD) or "ood" (a user-supplied OOD validation set,
+only when asked explicitly). `fit` sees only in-distribution TRAIN data, `select` only the
+in-distribution validation split and, in "ood" mode, the named OOD validation set.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ class DetectorInput:
     """
 
     name: str
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when no gradient-free detector needs this set's outputs
     labels: torch.Tensor
     features: torch.Tensor | None = None
     blocks: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -40,6 +49,10 @@ class DetectorInput:
     images: Any = None
     transform: Any = None
     device: torch.device | None = None
+    inputs: torch.Tensor | None = None  # normalised float inputs of synthetic sets (FGSM)
+
+    def __len__(self) -> int:
+        return int(len(self.labels))
 
 
 class Detector:
@@ -50,6 +63,8 @@ class Detector:
     requires_fit: ClassVar[bool] = False
     hparams: ClassVar[dict[str, Any]] = {}
     summary: ClassVar[str] = ""
+    # Selection modes `select` understands (empty: the detector has nothing to select).
+    selection_modes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **hparams: Any) -> None:
         unknown = set(hparams) - set(self.hparams)
@@ -60,10 +75,30 @@ class Detector:
             )
         self.params: dict[str, Any] = {**self.hparams, **hparams}
         self.fitted = not self.requires_fit
+        self.needs = type(self).needs
+        # What `select` chose and from which data; recorded in metrics.json.
+        self.selection: dict[str, Any] = {"mode": "none"}
+        mode = self.params.get("selection")
+        if self.selection_modes and mode not in self.selection_modes:
+            raise OodbenchError(f"{type(self).__name__} has no selection mode {mode!r}",
+                                f"use one of: {', '.join(self.selection_modes)}")
+
+    @property
+    def scores_with_model(self) -> bool:
+        """True when `score` runs the model itself: its cost then replaces the shared forward
+        pass instead of adding to it."""
+        return "grad" in self.needs
+
+    @property
+    def selection_mode(self) -> str:
+        return str(self.params.get("selection", "none"))
 
     def fit(self, train: DetectorInput) -> Detector:
         self.fitted = True
         return self
+
+    def select(self, val: DetectorInput, ood_val: DetectorInput | None = None) -> None:
+        """Choose hyperparameters / weights on validation data (see the module docstring)."""
 
     def score(self, data: DetectorInput) -> np.ndarray:
         raise NotImplementedError

@@ -4,7 +4,17 @@ Baselines: MSP (Hendrycks & Gimpel 2017), max-logit (Hendrycks et al. 2022), neg
 energy (Liu et al. 2020). DisMax scores (Macêdo et al. 2022), defined on the DisMax logits:
 MPS (max probability), ES (negative entropy), MDS (max logit, i.e. minus the minimum distance up
 to the shared mean term), MMLS (max + mean logit), MMLES (MMLS − entropy), MMLEPS (MMLES + MPS).
-All probabilities use the run's temperature; entropies use xlogy-safe log_softmax.
+MiSP (the intermediate-layer thesis, here at the last layer): minimum softmax probability.
+
+Temperature: every score here sees logits / T, T = the run's calibrated temperature when asked
+(else 1). This is what the DisMax code does (its head divides the logits by the temperature
+before any score), so MMLES / MMLEPS mix logits and entropy on the same scale; for MSP, entropy
+and MiSP it is ordinary temperature scaling, and for max-logit / MDS / MMLS it changes no
+ranking. Entropies use log_softmax (p · log p computed as exp(l) · l), never log(softmax).
+
+Orientation (higher = more in-distribution): MiSP is NEGATED. A confident (in-distribution)
+prediction puts almost no mass on its least likely class, so a small minimum probability means
+in-distribution; OOD inputs give flatter softmaxes with larger minima.
 """
 
 from __future__ import annotations
@@ -13,10 +23,6 @@ import numpy as np
 import torch
 
 from oodbench.detectors.base import DETECTORS, Detector, DetectorInput
-
-
-def _log_probs(data: DetectorInput) -> torch.Tensor:
-    return torch.log_softmax(data.logits.double() / data.temperature, dim=1)
 
 
 def neg_entropy(log_p: torch.Tensor) -> torch.Tensor:
@@ -29,7 +35,8 @@ class _LogitScore(Detector):
         raise NotImplementedError
 
     def score(self, data: DetectorInput) -> np.ndarray:
-        return self.compute(data.logits.double(), _log_probs(data)).numpy()
+        logits = data.logits.double() / data.temperature
+        return self.compute(logits, torch.log_softmax(logits, dim=1)).numpy()
 
 
 def _register(name: str, summary: str):
@@ -56,6 +63,12 @@ class MaxLogit(_LogitScore):
 class Entropy(_LogitScore):
     def compute(self, logits, log_p):
         return neg_entropy(log_p)
+
+
+@_register("misp", "minus the minimum softmax probability (last layer)")
+class MiSP(_LogitScore):
+    def compute(self, logits, log_p):
+        return -log_p.min(dim=1).values.exp()
 
 
 @DETECTORS.register("energy")

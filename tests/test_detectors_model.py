@@ -1,0 +1,191 @@
+"""Detectors on a real (tiny) trained digits model, and the scoring pipeline's honesty rules:
+no fit / selection sees an OOD sample by default; non-finite scores are reported, not scored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oodbench.config import RunConfig, load_benchmark
+from oodbench.data import DATASETS, DataContext, InputTransform
+from oodbench.detectors import DETECTORS, Detector, DetectorInput, create
+from oodbench.experiment import build_model, load_in_distribution
+from oodbench.runs import Run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine this is several times faster than
+    oversubscribed threads for these tiny tensors."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Run:
+    """A digits softmax run whose smallcnn8 is trained for a few quick epochs (not via the
+    training loop: only the detectors are under test here)."""
+    torch.manual_seed(0)
+    bench = load_benchmark("digits")
+    cfg = RunConfig(bench, "softmax", 0, {})
+    run = Run.create(tmp_path_factory.mktemp("runs") / "r", cfg)
+    ctx = DataContext.resolve(tmp_path_factory.mktemp("data"))
+    train = load_in_distribution(cfg, "train", ctx)
+    tf = InputTransform.for_model(train.info)
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x_all, y_all = tf(train.images), train.labels
+    model.train()
+    for _ in range(3):
+        perm = torch.randperm(len(y_all))
+        for i in range(0, len(perm), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            F.cross_entropy(model(x_all[idx]), y_all[idx]).backward()
+            opt.step()
+    model.eval()
+    torch.save({"model": model.state_dict(), "finished": True}, run.checkpoint_path)
+    return run
+
+
+def _input(run: Run, dataset: str, split: str = "test") -> DetectorInput:
+    cfg = run.config()
+    ctx = DataContext.resolve("unused")
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(run.checkpoint_path, weights_only=True)["model"])
+    model.eval()
+    like = DATASETS.get("digits").info_for()
+    data = (load_in_distribution(cfg, split, ctx) if dataset == "digits"
+            else DATASETS.get(dataset).load("test", ctx, like=like))
+    return DetectorInput(data.name, None, data.labels, model=model, images=data,
+                         transform=InputTransform.for_model(like), device=torch.device("cpu"))
+
+
+def _odin_gain(data: DetectorInput, temperature: float, epsilon: float) -> float:
+    base = create("odin", T=temperature, epsilon=0.0)(data)
+    return float(np.mean(create("odin", T=temperature, epsilon=epsilon)(data) - base))
+
+
+def test_odin_preprocessing_raises_the_in_distribution_msp(digits_run):
+    data = _input(digits_run, "digits")
+    assert _odin_gain(data, 1000.0, 0.0014) > 0  # the paper's defaults
+    assert _odin_gain(data, 1.0, 0.01) > 0
+    assert _odin_gain(data, 1.0, -0.01) < 0  # the step direction matters: sign is right
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured on this tiny digits CNN: ODIN's step raises the MSP of 8×8 noise MORE than that of "
+    "digits (mean gain at T=1, ε=0.01: digits 0.015, gaussian 0.085; at T=1000, ε=0.0014: "
+    "5.8e-6 vs 6.1e-6), so the paper's CIFAR observation does not carry over; strict, so it "
+    "is noticed if it starts to hold"))
+def test_odin_raises_msp_more_on_in_distribution_than_on_noise(digits_run):
+    gains = {n: _odin_gain(_input(digits_run, n), 1.0, 0.01) for n in ("digits", "gaussian")}
+    assert gains["digits"] > gains["gaussian"], gains
+
+
+def test_odin_fgsm_selection_uses_no_ood_data_and_records_its_choice(digits_run):
+    val = _input(digits_run, "digits", "val")
+    det = create("odin", selection="fgsm", T_grid=[1.0, 1000.0], eps_grid=[0.0, 0.0014])
+    det.select(val)
+    assert det.selection["mode"] == "fgsm"
+    assert det.selection["negatives"] == "fgsm(digits)"
+    assert set(det.selection["table"]) == {str((t, e)) for t in (1.0, 1000.0)
+                                           for e in (0.0, 0.0014)}
+    assert (det.params["T"], det.params["epsilon"]) == tuple(det.selection["chosen"].values())
+
+
+class _Tripwire(DetectorInput):
+    """A DetectorInput of an OOD set that raises if any detector reads it while armed."""
+
+    armed = False
+    ood_names: set[str] = set()
+
+    def __getattribute__(self, item):
+        if (item in ("logits", "features", "blocks", "images", "inputs", "labels")
+                and type(self).armed and object.__getattribute__(self, "name") in
+                type(self).ood_names):
+            raise AssertionError(f"OOD set {object.__getattribute__(self, 'name')} read while "
+                                 "fitting / selecting")
+        return object.__getattribute__(self, item)
+
+
+def _score(run: Run, monkeypatch, detectors, **kw):
+    from oodbench import pipeline
+
+    seen: list[str] = []
+    for name in detectors:
+        cls = DETECTORS.get(name)
+        for method in ("fit", "select"):
+            original = getattr(cls, method)
+
+            def wrapped(self, *args, _original=original, **kwargs):
+                seen.extend(a.name for a in args if isinstance(a, DetectorInput))
+                _Tripwire.armed = True
+                try:
+                    return _original(self, *args, **kwargs)
+                finally:
+                    _Tripwire.armed = False
+
+            monkeypatch.setattr(cls, method, wrapped)
+    _Tripwire.ood_names = {o.name for o in run.config().benchmark.ood}
+    monkeypatch.setattr(pipeline, "DetectorInput", _Tripwire)
+    m = pipeline.score_run(run, DataContext.resolve("unused"), torch.device("cpu"),
+                           list(detectors), **kw)
+    return m, seen
+
+
+def test_by_default_no_fit_or_selection_sees_an_ood_sample(digits_run, monkeypatch):
+    detectors = ["msp", "odin", "mahalanobis", "mahalanobis-ensemble", "intermediate-misp"]
+    m, seen = _score(digits_run, monkeypatch, detectors, selection="fgsm",
+                     params={"odin": {"T_grid": [1000.0], "eps_grid": [0.0, 0.0014],
+                                      "search_samples": 100},
+                             "mahalanobis": {"eps_grid": [0.0, 0.001], "search_samples": 100},
+                             "mahalanobis-ensemble": {"search_samples": 100}})
+    assert set(seen) == {"digits"}  # the in-distribution train and validation splits only
+    for d in detectors:
+        r = m["detectors"][d]
+        assert set(r["ood"]) == {"patches", "gaussian", "uniform"}
+        assert r["cost"] > 0
+    for d in ("odin", "mahalanobis", "mahalanobis-ensemble"):
+        assert m["detectors"][d]["selection"]["mode"] == "fgsm"
+        assert m["detectors"][d]["selection"]["negatives"] == "fgsm(digits)"
+    assert m["detectors"]["msp"]["selection"]["mode"] == "none"
+    # ... and OOD validation data is used only when asked explicitly.
+    m, seen = _score(digits_run, monkeypatch, ["odin"], selection="ood",
+                     ood_validation="gaussian",
+                     params={"odin": {"T_grid": [1000.0], "eps_grid": [0.0, 0.0014],
+                                      "search_samples": 100}})
+    assert "gaussian-validation" in seen  # read on request (not a tripwire in "ood" mode)
+    assert m["detectors"]["odin"]["selection"]["negatives"] == "gaussian-validation"
+
+
+class _NaNOnNoise(Detector):
+    summary = "test detector: NaN on two uniform-noise samples"
+
+    def score(self, data: DetectorInput) -> np.ndarray:
+        s = data.logits.double().max(dim=1).values.numpy().copy()
+        if data.name == "uniform":
+            s[:2] = np.nan
+        return s
+
+
+def test_nonfinite_scores_are_reported_with_count_and_detector(digits_run):
+    from oodbench.pipeline import score_run
+
+    if "test-nan" not in DETECTORS:
+        DETECTORS.add("test-nan", _NaNOnNoise)
+    m = score_run(digits_run, DataContext.resolve("unused"), torch.device("cpu"),
+                  ["test-nan", "maxlogit"])
+    r = m["detectors"]["test-nan"]
+    assert r["nonfinite"] == {"uniform": 2}
+    assert "uniform" not in r["ood"] and "patches" in r["ood"]  # no metric from NaN scores
+    assert "nonfinite" not in m["detectors"]["maxlogit"]
+    np.testing.assert_allclose(r["ood"]["patches"]["auroc"],
+                               m["detectors"]["maxlogit"]["ood"]["patches"]["auroc"])
+    assert Path(digits_run.scores_dir / "test-nan" / "uniform.npy").exists()
