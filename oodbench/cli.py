@@ -82,6 +82,8 @@ def train(
 
 def _parse_options(items: list[str]) -> dict[str, object]:
     """KEY=VALUE strings → dict, values read as YAML scalars (1e-3, false, 0.5)."""
+    import contextlib
+
     import yaml
 
     out: dict[str, object] = {}
@@ -91,7 +93,11 @@ def _parse_options(items: list[str]) -> dict[str, object]:
             raise OodbenchError(f"loss option {item!r} is not KEY=VALUE",
                                 "write e.g. `-o entropy_weight=1e-3`")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
+                with contextlib.suppress(ValueError):
+                    parsed = float(parsed)
+            out[key.strip()] = parsed
         except yaml.YAMLError:
             raise OodbenchError(f"cannot read the value of loss option {item!r}") from None
     return out

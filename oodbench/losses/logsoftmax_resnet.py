@@ -41,6 +41,7 @@ class LogSoftmaxResNetLoss(Criterion):
 
     def __init__(self, entropy_weight: float = 0.0, max_grad_norm: float | None = 1.0) -> None:
         super().__init__()
+        entropy_weight = float(entropy_weight)
         if entropy_weight < 0:
             raise OodbenchError(f"entropy_weight must be >= 0, got {entropy_weight}",
                                 "use 0 (off) or a small positive λ such as 1e-3")
