@@ -19,18 +19,29 @@ from oodbench.models.activations import make_activation
 from oodbench.models.base import MODELS, Backbone, ModelSpec
 
 
-class SmallStage(nn.Module):
-    def __init__(self, cin: int, cout: int, block_activation: str) -> None:
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class ResidualConv(nn.Module):
+    """act(x + BN(conv(x))): the residual addition whose activation the variants change."""
+
+    def __init__(self, channels: int, block_activation: str) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
         self.act = make_activation(block_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.act(x + self.bn2(self.conv2(x)))
+        return self.act(x + self.bn(self.conv(x)))
+
+
+class SmallStage(nn.Sequential):
+    """conv-BN-ReLU to `cout` channels, then one residual conv."""
+
+    def __init__(self, cin: int, cout: int, block_activation: str) -> None:
+        super().__init__(_conv_bn_relu(cin, cout), ResidualConv(cout, block_activation))
 
 
 class SmallCNN(Backbone):
