@@ -17,7 +17,8 @@ Training needs gradient clipping: the pooled features are log-probabilities with
 offset (≈ −log C) and a tiny spread, so the head's gradient is ~50× that of a ReLU network's and
 SGD at the usual learning rates diverges (measured on digits: loss 5.7 → 390 in six steps). The
 criterion therefore asks the trainer to clip the gradient norm to `max_grad_norm` (1 by default;
-an option), which trains it to the accuracy of the ReLU network without changing the model.
+an option), without changing the model (digits, 3 epochs: 67 % validation accuracy with
+clipping, chance without; the ReLU network reaches 95 % in those 3 epochs).
 """
 
 from __future__ import annotations
