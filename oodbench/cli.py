@@ -60,42 +60,78 @@ def train(
     ] = None,
     data_root: DataRoot = None,
     device: Device = "auto",
+    loss_option: Annotated[list[str] | None, typer.Option(
+        "--loss-option", "-o",
+        help="Loss option KEY=VALUE (repeatable; YAML value), e.g. `-o entropy_weight=1e-3` "
+             "or `-o fpr=false`; overrides the benchmark's loss_options.")] = None,
+    mixed_precision: Annotated[bool | None, typer.Option(
+        "--mixed-precision/--no-mixed-precision",
+        help="Mixed precision + channels_last (default: on for CUDA; never used on CPU).")
+    ] = None,
 ) -> None:
     """Train one model with one loss; resumes if the run folder holds an unfinished checkpoint.
 
     Example: `oodbench train --benchmark digits --loss dismax --seed 1`
     """
     try:
-        _train(benchmark, loss, seed, epochs, run_dir, data_root, device)
+        _train(benchmark, loss, seed, epochs, run_dir, data_root, device,
+               _parse_options(loss_option or []), mixed_precision)
     except OodbenchError as e:
         _fail(e)
 
 
+def _parse_options(items: list[str]) -> dict[str, object]:
+    """KEY=VALUE strings → dict, values read as YAML scalars (1e-3, false, 0.5)."""
+    import contextlib
+
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise OodbenchError(f"loss option {item!r} is not KEY=VALUE",
+                                "write e.g. `-o entropy_weight=1e-3`")
+        try:
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
+                with contextlib.suppress(ValueError):
+                    parsed = float(parsed)
+            out[key.strip()] = parsed
+        except yaml.YAMLError:
+            raise OodbenchError(f"cannot read the value of loss option {item!r}") from None
+    return out
+
+
 def _train(benchmark: str | None, loss: str | None, seed: int | None, epochs: int | None,
-           run_dir: Path | None, data_root: Path | None, device: str) -> Path:
+           run_dir: Path | None, data_root: Path | None, device: str,
+           loss_options: dict | None = None, mixed_precision: bool | None = None) -> Path:
     from oodbench.config import RunConfig, load_benchmark
     from oodbench.console import RichTrainReporter, console, make_progress
     from oodbench.data import DataContext
     from oodbench.data.availability import require_benchmark_data
     from oodbench.experiment import pick_device
     from oodbench.losses import LOSSES
+    from oodbench.models import check_block_activation
     from oodbench.runs import Run, default_run_dir
+    from oodbench.train import make_criterion
     from oodbench.train import train as train_loop
 
-    explicit = (benchmark, loss, seed, epochs) != (None, None, None, None)
+    explicit = (benchmark, loss, seed, epochs) != (None, None, None, None) or bool(loss_options)
     if run_dir is not None and (run_dir / "config.yaml").exists() and not explicit:
         run = Run.open(run_dir)  # resume / finish the run as configured
     else:
         bench = load_benchmark(benchmark or "digits")
         loss = loss or "dismax"
-        LOSSES.get(loss)
+        check_block_activation(bench.model, LOSSES.get(loss).block_activation, loss)
         if epochs is not None:
             bench.train.epochs = epochs
         require_benchmark_data(bench, DataContext.resolve(data_root))
         cfg = RunConfig(bench, loss, 0 if seed is None else seed,
-                        dict(bench.loss_options.get(loss, {})))
+                        {**bench.loss_options.get(loss, {}), **(loss_options or {})})
         run = Run.create(run_dir or default_run_dir(cfg), cfg)  # refuses a different config
     cfg = run.config()
+    make_criterion(cfg)  # bad loss options fail here, before any data is loaded
     dev = pick_device(device)
     label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"
     if run.is_trained():
@@ -106,7 +142,7 @@ def _train(benchmark: str | None, loss: str | None, seed: int | None, epochs: in
     try:
         with make_progress() as p:
             history = train_loop(run, DataContext.resolve(data_root), dev,
-                                 RichTrainReporter(p, label))
+                                 RichTrainReporter(p, label), mixed_precision=mixed_precision)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted; checkpoint saved. Run the same command to resume "
                       f"({run.path}).")
@@ -151,10 +187,40 @@ def _calibrate(run_dir: Path, objective: str, data_root: Path | None, device: st
         m = res[k]
         t.add_row(k, f"{m['accuracy']:.2%}", f"{m['ece']:.2%}", f"{m['nll']:.4f}")
     out.print(t)
-    out.print(f"temperature T = {res['temperature']:.4f} (objective {objective})")
+    out.print(f"temperature T = {res['temperature']:.4f} (objective {objective}); "
+              f"stored in {run.calibration_path}")
     if res["at_bound"]:
-        console.print("[yellow]warning: the temperature stopped at a search bound; the "
-                      "validation split may be too small or the model degenerate")
+        console.print(f"[yellow]warning: the temperature stopped at the {res.get('bound', '')} "
+                      f"search bound {res.get('bounds', '')}; the validation split may be too "
+                      "small or the model degenerate")
+
+
+@app.command("import-checkpoint")
+def import_checkpoint(
+    path: Annotated[Path, typer.Argument(help="Pretrained checkpoint file (a known format).")],
+    model: Annotated[str, typer.Option(help="The checkpoint's model, e.g. resnet20.")],
+    benchmark: Annotated[str, typer.Option(
+        help="Benchmark whose data and detectors the run uses (name or YAML file).")],
+    run_dir: Annotated[Path | None, typer.Option(
+        help="Run folder (default: runs/BENCHMARK/MODEL-FORMAT).")] = None,
+) -> None:
+    """Make a finished run folder from a pretrained checkpoint, ready for calibrate and score.
+
+    Example: `oodbench import-checkpoint ../shared/data/models/akamaster-resnet-cifar10/\
+resnet20-12fca82f.th --model resnet20 --benchmark cifar10-jpeg`
+    """
+    try:
+        from oodbench.checkpoint_import import import_checkpoint as do_import
+        from oodbench.console import out
+
+        run, info = do_import(path, model, benchmark, run_dir)
+        cfg = run.config()
+        meta = ", ".join(f"{k} {v:g}" for k, v in info["metadata"].items())
+        out.print(f"imported {info['format']} checkpoint ({model}{'; ' + meta if meta else ''}) "
+                  f"→ {run.path} · input normalisation {cfg.benchmark.normalization}")
+        out.print(f"next: `oodbench calibrate {run.path}` and `oodbench score {run.path}`")
+    except OodbenchError as e:
+        _fail(e)
 
 
 @app.command()

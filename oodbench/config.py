@@ -29,7 +29,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: str = "cosine"  # "cosine" (short CPU runs) or "multistep" (the papers')
+    schedule: str = "cosine"  # "cosine" / "onecycle" (short CPU runs), "multistep" (the papers')
     milestones: list[int] = field(default_factory=list)  # epochs, for "multistep"
     gamma: float = 0.1
     warmup_epochs: float = 0.0
@@ -39,8 +39,9 @@ class TrainConfig:
     checkpoint_seconds: float = 120.0  # mid-epoch checkpoint interval, besides every epoch
 
     def validate(self) -> None:
-        if self.schedule not in ("cosine", "multistep"):
-            raise OodbenchError(f"unknown schedule {self.schedule!r}", "use cosine or multistep")
+        if self.schedule not in ("cosine", "multistep", "onecycle"):
+            raise OodbenchError(f"unknown schedule {self.schedule!r}",
+                                "use cosine, onecycle or multistep")
         if self.epochs < 1 or self.batch_size < 2:
             raise OodbenchError("epochs must be >= 1 and batch_size >= 2")
         if not 0.0 < self.val_fraction < 1.0:
@@ -78,6 +79,8 @@ class BenchmarkConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     summary: str = ""
+    # {mean: [...], std: [...]} replacing the dataset's input normalisation (pretrained weights)
+    normalization: dict[str, list[float]] | None = None
 
     @property
     def near(self) -> list[OODSet]:
@@ -142,7 +145,18 @@ class BenchmarkConfig:
         MODELS.get(self.model)
         get_dataset(self.dataset)
         for loss in self.losses:
-            LOSSES.get(loss)
+            from oodbench.models import check_block_activation
+
+            check_block_activation(self.model, LOSSES.get(loss).block_activation, loss)
+        if self.normalization is not None:
+            channels = get_dataset(self.dataset).info_for().channels
+            norm = self.normalization
+            if (not isinstance(norm, dict) or set(norm) != {"mean", "std"}
+                    or any(len(norm[k]) != channels for k in norm)
+                    or any(float(v) <= 0 for v in norm["std"])):
+                raise OodbenchError(f"{source}: normalization must be {{mean: [...], std: [...]}} "
+                                    f"with {channels} value(s) each and std > 0",
+                                    "fix or remove the `normalization` key")
         for det in self.detectors:
             DETECTORS.get(det)
         for o in self.ood:

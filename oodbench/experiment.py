@@ -11,7 +11,7 @@ from oodbench.config import OODSet, RunConfig
 from oodbench.data import DataContext, DatasetInfo, ImageSet, InputTransform, get_dataset
 from oodbench.errors import OodbenchError
 from oodbench.losses import LOSSES
-from oodbench.models import Classifier, build_classifier
+from oodbench.models import Classifier, build_classifier, check_block_activation
 
 
 def in_distribution_info(cfg: RunConfig) -> DatasetInfo:
@@ -21,6 +21,9 @@ def in_distribution_info(cfg: RunConfig) -> DatasetInfo:
         names = info.class_names
         info = replace(info, num_classes=len(bench.classes),
                        class_names=tuple(names[c] for c in bench.classes) if names else ())
+    if bench.normalization:  # pretrained weights bring their own input normalisation
+        info = replace(info, mean=tuple(float(v) for v in bench.normalization["mean"]),
+                       std=tuple(float(v) for v in bench.normalization["std"]))
     return info
 
 
@@ -71,8 +74,9 @@ def load_ood(cfg: RunConfig, ood: OODSet, ctx: DataContext) -> tuple[ImageSet, I
 def build_model(cfg: RunConfig) -> Classifier:
     info = in_distribution_info(cfg)
     spec = LOSSES.get(cfg.loss)
+    check_block_activation(cfg.benchmark.model, spec.block_activation, cfg.loss)
     return build_classifier(cfg.benchmark.model, spec.head, info.num_classes, info.channels,
-                            info.image_size)
+                            info.image_size, spec.block_activation)
 
 
 def pick_device(name: str | None = None) -> torch.device:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodbench.losses.base import LOSSES, Criterion, LossSpec
+from oodbench.losses.isomax import pairwise_distances
 
 ENTROPIC_SCALE = 10.0
 
@@ -34,10 +35,10 @@ class DisMaxHead(nn.Module):
         self.distance_scale = nn.Parameter(torch.ones(1))
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(features, dim=1)
+        f = F.normalize(features.float(), dim=1)
         p = F.normalize(self.prototypes, dim=1)
         # Direct difference, not the ||a||²+||b||²−2ab expansion: exact near zero distance.
-        d = (f[:, None, :] - p[None, :, :]).norm(dim=2) / math.sqrt(2.0)
+        d = pairwise_distances(f, p) / math.sqrt(2.0)
         return self.distance_scale.abs() * d
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ class DisMaxLoss(Criterion):
         return mosaic(inputs[perm], targets[perm])
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(self.entropic_scale * logits, dim=1)
+        log_p = F.log_softmax(self.entropic_scale * logits.float(), dim=1)
         if targets.dim() == 1:
             return F.nll_loss(log_p, targets)
         half = logits.shape[0] // 2

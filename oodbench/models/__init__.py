@@ -1,6 +1,6 @@
 """Model registry. Importing this registers every model."""
 
-from oodbench.models import resnet, small  # noqa: F401  (registers the models)
+from oodbench.models import densenet, resnet, resnet_he, small, wideresnet  # noqa: F401
 from oodbench.models.base import (
     MODELS,
     Backbone,
@@ -8,6 +8,8 @@ from oodbench.models.base import (
     ModelOutput,
     ModelSpec,
     build_classifier,
+    check_block_activation,
 )
 
-__all__ = ["MODELS", "Backbone", "Classifier", "ModelOutput", "ModelSpec", "build_classifier"]
+__all__ = ["MODELS", "Backbone", "Classifier", "ModelOutput", "ModelSpec", "build_classifier",
+           "check_block_activation"]

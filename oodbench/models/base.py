@@ -14,14 +14,21 @@ import torch
 from torch import nn
 
 from oodbench.errors import OodbenchError
+from oodbench.models.activations import ACTIVATION_ENTROPY, recording_entropy
 from oodbench.registry import Registry
 
 
 @dataclass
 class ModelOutput:
+    """`aux` holds per-sample auxiliary quantities asked for by name (see `AUX_OUTPUTS`)."""
+
     logits: torch.Tensor
     features: torch.Tensor
     blocks: dict[str, torch.Tensor] = field(default_factory=dict)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+AUX_OUTPUTS = (ACTIVATION_ENTROPY,)
 
 
 class Backbone(nn.Module):
@@ -58,32 +65,63 @@ class Classifier(nn.Module):
         features, _ = self.backbone.forward_features(x)
         return self.head(features)
 
-    def forward_all(self, x: torch.Tensor, taps: Collection[str] = ()) -> ModelOutput:
+    def forward_all(self, x: torch.Tensor, taps: Collection[str] = (),
+                    aux: Collection[str] = ()) -> ModelOutput:
+        """Logits, features, the requested block outputs and auxiliary outputs, in one pass."""
         self.backbone.check_taps(taps)
-        features, blocks = self.backbone.forward_features(x, taps)
-        return ModelOutput(self.head(features), features, blocks)
+        unknown = [a for a in aux if a not in AUX_OUTPUTS]
+        if unknown:
+            raise OodbenchError(f"unknown auxiliary output(s) {unknown}",
+                                f"choose from {list(AUX_OUTPUTS)}")
+        if ACTIVATION_ENTROPY in aux:
+            with recording_entropy(self.backbone) as entropies:
+                features, blocks = self.backbone.forward_features(x, taps)
+            extra = {ACTIVATION_ENTROPY: torch.stack(entropies).sum(0)}
+        else:
+            features, blocks = self.backbone.forward_features(x, taps)
+            extra = {}
+        return ModelOutput(self.head(features), features, blocks, extra)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered backbone factory: `build(in_channels, image_size) -> Backbone`."""
+    """A registered backbone factory: `build(in_channels, image_size) -> Backbone`, or
+    `build(in_channels, image_size, block_activation=...)` for the variants it lists in
+    `block_activations` (the log-softmax ResNet replaces the ReLU after residual additions)."""
 
-    build: Callable[[int, int], Backbone]
+    build: Callable[..., Backbone]
     summary: str
     image_sizes: tuple[int, ...] = ()  # sizes it is designed for; empty = any
+    block_activations: tuple[str, ...] = ("relu",)
+
+
+def check_block_activation(model: str, block_activation: str, loss: str | None = None) -> None:
+    """A clear error when a loss needs a backbone variant that `model` does not have."""
+    spec = MODELS.get(model)
+    if block_activation not in spec.block_activations:
+        able = [n for n, s in MODELS.items() if block_activation in s.block_activations]
+        who = f"loss {loss!r}" if loss else f"block activation {block_activation!r}"
+        raise OodbenchError(
+            f"{who} needs a model with a {block_activation} block variant; {model!r} has none",
+            f"use one of these models: {', '.join(able)}")
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
 
 
 def build_classifier(model: str, head_factory: Callable[[int, int], nn.Module], num_classes: int,
-                     in_channels: int, image_size: int) -> Classifier:
+                     in_channels: int, image_size: int, block_activation: str = "relu"
+                     ) -> Classifier:
     """Backbone by name, with the loss's head on top (the head replaces `nn.Linear`)."""
     spec = MODELS.get(model)
+    check_block_activation(model, block_activation)
     if spec.image_sizes and image_size not in spec.image_sizes:
         raise OodbenchError(
             f"model {model!r} is built for {list(spec.image_sizes)}-pixel inputs, got {image_size}",
             "pick a model for this input size (see `oodbench list models`)",
         )
-    backbone = spec.build(in_channels, image_size)
+    if block_activation == "relu":
+        backbone = spec.build(in_channels, image_size)
+    else:
+        backbone = spec.build(in_channels, image_size, block_activation=block_activation)
     return Classifier(backbone, head_factory(backbone.feature_dim, num_classes))

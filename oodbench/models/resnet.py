@@ -1,5 +1,9 @@
 """CIFAR-style ResNet-18/34 (3×3 stem, no max-pool; stages of 64/128/256/512 channels), the
-backbone of the IsoMax and DisMax papers' CIFAR experiments."""
+backbone of the IsoMax and DisMax papers' CIFAR experiments.
+
+`block_activation="logsoftmax"` builds the log-softmax ResNet variant: the ReLU after each
+residual addition becomes a log-softmax over channels (the stem and in-branch ReLUs stay).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oodbench.models.activations import make_activation
 from oodbench.models.base import MODELS, Backbone, ModelSpec
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, block_activation: str = "relu") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
@@ -23,17 +28,19 @@ class BasicBlock(nn.Module):
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
                                           nn.BatchNorm2d(cout))
+        self.act = make_activation(block_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.act(out + self.shortcut(x))
 
 
 class CifarResNet(Backbone):
     block_names = ("layer1", "layer2", "layer3", "layer4")
 
-    def __init__(self, depths: tuple[int, int, int, int], in_channels: int = 3) -> None:
+    def __init__(self, depths: tuple[int, int, int, int], in_channels: int = 3,
+                 block_activation: str = "relu") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -41,7 +48,8 @@ class CifarResNet(Backbone):
         for i, (depth, width) in enumerate(zip(depths, (64, 128, 256, 512), strict=True)):
             blocks = []
             for j in range(depth):
-                blocks.append(BasicBlock(cin, width, 2 if (j == 0 and i > 0) else 1))
+                blocks.append(BasicBlock(cin, width, 2 if (j == 0 and i > 0) else 1,
+                                         block_activation))
                 cin = width
             layers.append(nn.Sequential(*blocks))
         self.layers = nn.ModuleList(layers)
@@ -58,8 +66,10 @@ class CifarResNet(Backbone):
         return x.mean(dim=(2, 3)), blocks
 
 
-MODELS.add("resnet18", ModelSpec(lambda c, s: CifarResNet((2, 2, 2, 2), c),
-                                 "CIFAR ResNet-18 (11M parameters); a GPU model"))
-MODELS.add("resnet34", ModelSpec(lambda c, s: CifarResNet((3, 4, 6, 3), c),
-                                 "CIFAR ResNet-34 (21M parameters), the papers' model; a GPU model",
-                                 ))
+BOTH = ("relu", "logsoftmax")
+MODELS.add("resnet18", ModelSpec(
+    lambda c, s, block_activation="relu": CifarResNet((2, 2, 2, 2), c, block_activation),
+    "CIFAR ResNet-18 (11M parameters); a GPU model", block_activations=BOTH))
+MODELS.add("resnet34", ModelSpec(
+    lambda c, s, block_activation="relu": CifarResNet((3, 4, 6, 3), c, block_activation),
+    "CIFAR ResNet-34 (21M parameters), the papers' model; a GPU model", block_activations=BOTH))

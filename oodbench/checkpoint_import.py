@@ -1,0 +1,53 @@
+"""Turning a published pretrained checkpoint into a finished oodbench run folder, so calibrate,
+score and report treat it exactly like a model trained here.
+
+The run's config is the chosen benchmark with the model replaced by the checkpoint's, the loss
+`softmax` (these checkpoints are plain cross-entropy networks) and the input normalisation the
+weights were trained with (e.g. ImageNet mean/std for the akamaster CIFAR ResNets), recorded in
+the benchmark's `normalization` key so every later step feeds the network the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from oodbench.config import RunConfig, load_benchmark
+from oodbench.errors import OodbenchError
+from oodbench.experiment import build_model
+from oodbench.models.pretrained import CHECKPOINT_FORMATS, read_foreign_checkpoint
+from oodbench.runs import Run, load_weights
+from oodbench.train import save_checkpoint
+
+
+def default_import_dir(benchmark: str, model: str, fmt: str, root: Path = Path("runs")) -> Path:
+    return root / benchmark / f"{model}-{fmt}"
+
+
+def import_checkpoint(path: Path, model: str, benchmark: str, run_dir: Path | None = None,
+                      seed: int = 0) -> tuple[Run, dict[str, Any]]:
+    """Create (or refresh) a finished run folder holding the checkpoint's weights.
+
+    Returns the run and a summary {format, run, metadata}. The weights are loaded strictly into
+    the model the benchmark would build, so a wrong model or number of classes is an error.
+    """
+    fmt_name, state, meta = read_foreign_checkpoint(Path(path))
+    fmt = CHECKPOINT_FORMATS.get(fmt_name)
+    if model not in fmt.models:
+        raise OodbenchError(f"a {fmt_name} checkpoint holds one of {list(fmt.models)}, "
+                            f"not {model!r}", f"pass --model with one of {list(fmt.models)}")
+    bench = load_benchmark(benchmark)
+    bench = replace(bench, model=model, losses=["softmax"],
+                    normalization={"mean": list(fmt.mean), "std": list(fmt.std)})
+    bench.validate(f"{benchmark} (imported {fmt_name} checkpoint)")
+    cfg = RunConfig(bench, "softmax", seed, {})
+    run = Run.create(run_dir or default_import_dir(bench.name, model, fmt_name), cfg)
+    classifier = build_model(cfg)
+    load_weights(classifier, state, str(path))
+    save_checkpoint(run, {
+        "model": classifier.state_dict(), "optimizer": {}, "epoch": bench.train.epochs,
+        "step": 0, "history": [], "finished": True,
+        "imported": {"path": str(Path(path).resolve()), "format": fmt_name, **meta},
+    })
+    return run, {"format": fmt_name, "run": str(run.path), "metadata": meta}

@@ -1,0 +1,86 @@
+"""Converting published pretrained checkpoints into oodbench `Classifier` state dicts.
+
+A `CheckpointFormat` recognises a foreign checkpoint, renames its keys onto
+`Classifier(backbone, head)` and says which input normalisation the weights were trained with
+(which the imported run must then use instead of the dataset's own).
+
+Known formats:
+- `akamaster`: Yerlan Idelbayev's CIFAR-10 ResNet-20/32/44/56 (`pytorch_resnet_cifar10`): a dict
+  with `state_dict` (keys prefixed `module.`; `linear.*` is the classifier) and `best_prec1`;
+  inputs normalised with the ImageNet mean/std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodbench.errors import OodbenchError
+from oodbench.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    detect: Callable[[dict[str, Any]], bool]
+    convert: Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    models: tuple[str, ...]
+    summary: str
+
+
+CHECKPOINT_FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format")
+
+
+def _akamaster_detect(raw: dict[str, Any]) -> bool:
+    sd = raw.get("state_dict")
+    return isinstance(sd, dict) and "module.linear.weight" in sd and "module.conv1.weight" in sd
+
+
+def _akamaster_convert(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw["state_dict"].items():
+        name = key.removeprefix("module.")
+        if name.startswith("linear."):
+            out["head." + name.removeprefix("linear.")] = value
+        else:
+            out["backbone." + name] = value
+    # Saved before BatchNorm tracked its batch count; the count is unused with a fixed momentum.
+    for key in list(out):
+        if key.endswith(".running_mean"):
+            out.setdefault(key.removesuffix("running_mean") + "num_batches_tracked",
+                           torch.tensor(0, dtype=torch.long))
+    return out
+
+
+CHECKPOINT_FORMATS.add("akamaster", CheckpointFormat(
+    _akamaster_detect, _akamaster_convert, IMAGENET_MEAN, IMAGENET_STD,
+    ("resnet20", "resnet32", "resnet44", "resnet56"),
+    "akamaster/pytorch_resnet_cifar10 ResNet-20/32/44/56 (CIFAR-10, ImageNet normalisation)"))
+
+
+def read_foreign_checkpoint(path: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """(format name, converted state dict, metadata) of a checkpoint file of a known format."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise OodbenchError(f"checkpoint {path} does not exist", "give an existing file") from None
+    except Exception as e:
+        raise OodbenchError(f"cannot read checkpoint {path}: {e}",
+                            "give a torch.save checkpoint of a known format") from None
+    if not isinstance(raw, dict):
+        raw = {}
+    for name, fmt in CHECKPOINT_FORMATS.items():
+        if fmt.detect(raw):
+            meta = {k: float(v) for k, v in raw.items()
+                    if k != "state_dict" and isinstance(v, (int, float))}
+            return name, fmt.convert(raw), meta
+    raise OodbenchError(f"{path} is not a checkpoint of a known format",
+                        f"known formats: {', '.join(CHECKPOINT_FORMATS.names())}")

@@ -1,0 +1,93 @@
+"""He et al. (2016) CIFAR ResNet-20/32/44/56: a 16-channel 3×3 stem, three stages of n basic
+blocks with 16/32/64 channels (depth = 6n + 2), global average pooling, a linear layer.
+
+Option-A shortcuts: where a block halves the resolution and doubles the channels, the identity
+shortcut subsamples by 2 and zero-pads the new channels, so the shortcut has no parameters. Module
+names match the widely used pretrained checkpoints (conv1, bn1, layer{1,2,3}.N.{conv1,bn1,conv2,
+bn2}), which `oodbench.models.pretrained` maps onto this backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oodbench.models.activations import make_activation
+from oodbench.models.base import MODELS, Backbone, ModelSpec
+
+
+class PadShortcut(nn.Module):
+    """Option A: x[:, :, ::2, ::2] with (cout − cin) zero channels split around it."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.before = (cout - cin) // 2
+        self.after = cout - cin - self.before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.before, self.after))
+
+
+class HeBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, block_activation: str = "relu") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = (PadShortcut(cin, cout) if stride != 1 or cin != cout
+                                    else nn.Identity())
+        self.act = make_activation(block_activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act(out + self.shortcut(x))
+
+
+class HeResNet(Backbone):
+    block_names = ("layer1", "layer2", "layer3")
+
+    def __init__(self, depth: int, in_channels: int = 3, block_activation: str = "relu") -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"He CIFAR ResNet depth must be 6n + 2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        cin = 16
+        for i, width in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                blocks.append(HeBlock(cin, width, 2 if (j == 0 and i > 0) else 1,
+                                      block_activation))
+                cin = width
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.feature_dim = 64
+        for m in self.modules():  # He initialisation, as in the paper
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: torch.Tensor, taps: Collection[str] = ()
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = F.relu(self.bn1(self.conv1(x)))
+        blocks = {}
+        for name in self.block_names:
+            x = getattr(self, name)(x)
+            if name in taps:
+                blocks[name] = x
+        return x.mean(dim=(2, 3)), blocks
+
+
+def _register(depth: int, params: str) -> None:
+    MODELS.add(f"resnet{depth}", ModelSpec(
+        lambda c, s, block_activation="relu": HeResNet(depth, c, block_activation),
+        f"He et al. CIFAR ResNet-{depth} ({params} parameters), option-A shortcuts; loads the "
+        "akamaster pretrained checkpoints", block_activations=("relu", "logsoftmax")))
+
+
+for _depth, _params in ((20, "0.27M"), (32, "0.46M"), (44, "0.66M"), (56, "0.85M")):
+    _register(_depth, _params)
