@@ -11,7 +11,7 @@ import torch
 
 from oodbench.models import MODELS, build_classifier
 from oodbench.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, read_foreign_checkpoint
-from oodbench.models.resnet_he import PadShortcut
+from oodbench.models.resnet import PadShortcut
 
 REPO = Path(__file__).resolve().parent.parent
 CIFAR_SIZE = 32

@@ -17,15 +17,34 @@ from oodbench.models.activations import make_activation
 from oodbench.models.base import MODELS, Backbone, ModelSpec
 
 
+class PadShortcut(nn.Module):
+    """Option A (He et al. 2016): x[:, :, ::2, ::2] with (cout − cin) zero channels split
+    around it, so the shortcut has no parameters."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.before = (cout - cin) // 2
+        self.after = cout - cin - self.before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.before, self.after))
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, block_activation: str = "relu") -> None:
+    """Two 3×3 convolutions plus a shortcut; where the shape changes the shortcut is a 1×1
+    projection (`shortcut="conv"`, option B) or subsample + zero channels (`"pad"`, option A)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, block_activation: str = "relu",
+                 shortcut: str = "conv") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
+        if (stride != 1 or cin != cout) and shortcut == "pad":
+            self.shortcut = PadShortcut(cin, cout)
+        elif stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
                                           nn.BatchNorm2d(cout))
         self.act = make_activation(block_activation)

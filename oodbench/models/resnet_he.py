@@ -15,37 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodbench.models.activations import make_activation
 from oodbench.models.base import MODELS, Backbone, ModelSpec
-
-
-class PadShortcut(nn.Module):
-    """Option A: x[:, :, ::2, ::2] with (cout − cin) zero channels split around it."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.before = (cout - cin) // 2
-        self.after = cout - cin - self.before
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.before, self.after))
-
-
-class HeBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, block_activation: str = "relu") -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = (PadShortcut(cin, cout) if stride != 1 or cin != cout
-                                    else nn.Identity())
-        self.act = make_activation(block_activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.act(out + self.shortcut(x))
+from oodbench.models.resnet import BasicBlock
 
 
 class HeResNet(Backbone):
@@ -62,8 +33,8 @@ class HeResNet(Backbone):
         for i, width in enumerate((16, 32, 64)):
             blocks = []
             for j in range(n):
-                blocks.append(HeBlock(cin, width, 2 if (j == 0 and i > 0) else 1,
-                                      block_activation))
+                blocks.append(BasicBlock(cin, width, 2 if (j == 0 and i > 0) else 1,
+                                         block_activation, shortcut="pad"))
                 cin = width
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.feature_dim = 64
