@@ -232,7 +232,11 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
             setup_seconds[n]["select"] = time.perf_counter() - tic
 
     # Phase 2: score every set.
-    reference = time_forward(lr.model, test, model_transform, device)
+    # The plain forward pass over exactly the samples the detectors score, timed per set (its
+    # own transform included: adapted sets resize too), extrapolated from up to 512 per set.
+    reference_total = sum(time_forward(lr.model, d, tf, device, n=512) * len(d)
+                          for d, tf, _ in sets)
+    reference = reference_total / sum(len(d) for d, _, _ in sets)
     results: dict[str, Any] = {}
     for name, det in dets.items():
         per_set, seconds, n_scored, nonfinite = {}, 0.0, 0, {}
@@ -252,7 +256,7 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
         # Inference cost relative to one plain forward pass measured in this run: a detector
         # that reads the cache adds its own time to the shared forward pass; one that runs the
         # model itself (ODIN, preprocessing) replaces it.
-        ratio = (seconds / n_scored) / max(reference, 1e-12)
+        ratio = (seconds / n_scored) / max(reference, 1e-12)  # same samples on both sides
         ood = {}
         if test.name not in nonfinite:
             ood = {o: ood_metrics(in_scores, s) for o, s in per_set.items() if o not in nonfinite}
