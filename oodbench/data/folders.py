@@ -24,6 +24,7 @@ import torch
 from oodbench.data.base import DataContext, DatasetInfo, ImageSet, register_dataset
 from oodbench.data.decoded import cached_decode
 from oodbench.data.files import FileSource, Resource
+from oodbench.data.transforms import crop_windows
 from oodbench.errors import OodbenchError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -278,10 +279,7 @@ def seeded_crops(images: torch.Tensor, size: int, seed: int = VIEW_SEED) -> torc
     g = torch.Generator().manual_seed(seed)
     dy = torch.randint(0, h - size + 1, (n,), generator=g)
     dx = torch.randint(0, w - size + 1, (n,), generator=g)
-    rows = (dy[:, None] + torch.arange(size))[:, :, None]
-    cols = (dx[:, None] + torch.arange(size))[:, None, :]
-    batch = torch.arange(n)[:, None, None]
-    return images.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+    return crop_windows(images, dy, dx, size, size).contiguous()
 
 
 @register_dataset("tinyimagenet-resize")

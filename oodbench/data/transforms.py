@@ -60,6 +60,16 @@ class InputTransform:
         return (x - mean) / std
 
 
+def crop_windows(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: int
+                 ) -> torch.Tensor:
+    """Window h×w at (dy[i], dx[i]) of each image i, as one batched gather (any dtype/device)."""
+    dev = images.device
+    rows = (dy.to(dev)[:, None] + torch.arange(h, device=dev))[:, :, None]  # N×h×1
+    cols = (dx.to(dev)[:, None] + torch.arange(w, device=dev))[:, None, :]  # N×1×w
+    batch = torch.arange(images.shape[0], device=dev)[:, None, None]
+    return images.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
 def augment(images: torch.Tensor, crop_padding: int = 0, flip: bool = False,
             generator: torch.Generator | None = None) -> torch.Tensor:
     """Random crop with zero padding and random horizontal flip, for a whole batch at once.
@@ -72,12 +82,9 @@ def augment(images: torch.Tensor, crop_padding: int = 0, flip: bool = False,
     if crop_padding > 0:
         p = crop_padding
         padded = F.pad(images, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(dev)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(dev)
-        rows = (dy[:, None] + torch.arange(h, device=dev))[:, :, None]  # N×H×1
-        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, :]  # N×1×W
-        batch = torch.arange(n, device=dev)[:, None, None]
-        out = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        out = crop_windows(padded, dy, dx, h, w)
     if flip:
         mask = (torch.rand(n, generator=generator) < 0.5).to(dev).view(n, 1, 1, 1)
         out = torch.where(mask, out.flip(3), out)
