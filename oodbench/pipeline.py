@@ -185,11 +185,12 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
     info = in_distribution_info(cfg)
     model_transform = InputTransform.for_model(info)
 
-    test = load_in_distribution(cfg, "test", ctx)
+    # Every set moves to the device once; detectors and the cache then reuse it there.
+    test = load_in_distribution(cfg, "test", ctx).to(device)
     sets: list[tuple[ImageSet, InputTransform, str]] = [(test, model_transform, "in")]
     for o in bench.ood:  # all loaded (and shape-checked) before any detector runs
         data, tf = load_ood(cfg, o, ctx)
-        sets.append((data, tf, o.group))
+        sets.append((data.to(device), tf, o.group))
     # One forward pass per set, shared by every gradient-free detector; the test set always
     # (classification metrics), OOD sets only when some detector reads cached outputs.
     cached = bool(needs & {"logits", "features", "blocks"})
@@ -199,14 +200,14 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
     def detector_input(data: ImageSet, tf: InputTransform, out: Outputs | None) -> DetectorInput:
         if out is None:
             return DetectorInput(data.name, None, data.labels.cpu(), None, {}, temperature,
-                                 lr.model, data.to(device), tf, device)
+                                 lr.model, data, tf, device)
         return DetectorInput(data.name, out.logits, out.labels, out.features, out.blocks,
-                             temperature, lr.model, data.to(device), tf, device)
+                             temperature, lr.model, data, tf, device)
 
     # Phase 1: fit and select, on in-distribution train / validation data only.
     setup_seconds: dict[str, dict[str, float]] = {n: {} for n in dets}
     if any(d.requires_fit for d in dets.values()):
-        train = load_in_distribution(cfg, "train", ctx)
+        train = load_in_distribution(cfg, "train", ctx).to(device)
         train_in = detector_input(train, model_transform,
                                   lr.outputs(train, model_transform, blocks))
         for n, det in dets.items():
@@ -216,7 +217,7 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
                 setup_seconds[n]["fit"] = time.perf_counter() - tic
     selecting = [n for n, d in dets.items() if d.selection_modes]
     if selecting:
-        val = load_in_distribution(cfg, "val", ctx)
+        val = load_in_distribution(cfg, "val", ctx).to(device)
         val_in = detector_input(val, model_transform, lr.outputs(val, model_transform, blocks))
         ood_val_in = None
         if ood_validation:
@@ -225,6 +226,7 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
             vdata, vtf = load_ood(cfg, OODSet(dataset=ood_validation,
                                               name=f"{ood_validation}-validation", adapt=True),
                                   ctx)
+            vdata = vdata.to(device)
             ood_val_in = detector_input(vdata, vtf, lr.outputs(vdata, vtf, blocks))
         for n in selecting:
             tic = time.perf_counter()
