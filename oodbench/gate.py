@@ -87,6 +87,13 @@ def cells(report: dict[str, Any], metric: str) -> Iterator[Cell]:
             for ood, ms in r["ood"].items():
                 if metric in ms:
                     yield Cell({**row, "column": ood}, ms[metric]["mean"])
+            # Sets with NaN/inf scores have no metric: a NaN cell, which fails every gate that
+            # selects it (a broken detector must not pass CI by having no number).
+            bad = r.get("nonfinite", {})
+            blocked = list(g["ood_sets"]) if set(bad) - set(g["ood_sets"]) else list(bad)
+            for ood in blocked:
+                if ood not in r["ood"]:
+                    yield Cell({**row, "column": ood}, float("nan"))
             for name, col in MEAN_NAMES.items():
                 if metric in r["means"].get(col, {}):
                     yield Cell({**row, "column": name}, r["means"][col][metric]["mean"])
@@ -117,6 +124,7 @@ def evaluate(report: dict[str, Any], gates: list[Gate]) -> list[tuple[Gate, Cell
             raise OodbenchError(f"gate {gate.text} selects no cell of the report",
                                 "check its qualifiers against the report's filters")
         for c in chosen:
-            if (c.value < gate.threshold) if gate.under else (c.value > gate.threshold):
+            if c.value != c.value or ((c.value < gate.threshold) if gate.under
+                                      else (c.value > gate.threshold)):
                 failed.append((gate, c))
     return failed

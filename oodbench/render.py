@@ -88,7 +88,9 @@ def report_tables(rep: dict[str, Any], metrics: tuple[str, ...]) -> list[TableMo
                            right_from=2)
             for r in g["rows"]:
                 cells = [cell_of(r, c, m) for c in cols]
-                t.add([r["loss"], r["detector"], *[fmt(c) for c in cells],
+                t.add([r["loss"], r["detector"],
+                       *[fmt(c) if c or col not in r.get("nonfinite", {}) else
+                         f"NaN×{r['nonfinite'][col]}" for c, col in zip(cells, cols, strict=True)],
                        fmt(r.get("cost"), percent=False, digits=2)],
                       [False, False, *[bool(c) and abs(c["mean"] - best.get(col, float("nan")))
                                        < 1e-12 for c, col in zip(cells, cols, strict=True)],

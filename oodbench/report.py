@@ -188,7 +188,7 @@ def _group(key: tuple[str, str, str], runs: list[LoadedMetrics], filters: Filter
             druns = [r for r in lruns if det in r.data["detectors"]]
             rows.append(_row(loss, det, druns, order, ood_sets, filters, bootstrap,
                              bootstrap_seed))
-    rows = [r for r in rows if r["ood"]]
+    rows = [r for r in rows if r["ood"] or r.get("nonfinite")]
     return {"benchmark": bench, "in_distribution": ind, "model": model,
             "ood_sets": {o: ood_sets[o] for o in order},
             "seeds": sorted({r.data["seed"] for r in runs}),
@@ -225,9 +225,17 @@ def _row(loss: str, det: str, runs: list[LoadedMetrics], order: list[str],
                 have = [r for r, d in zip(runs, per_run, strict=True) if ood in d.get("ood", {})]
                 cells[ood]["auroc"]["ci95"] = _auroc_interval(have, det, [ood], bootstrap,
                                                               bootstrap_seed)
+    # NaN/inf scores: counted per set (the in-dist test set's count blocks every set); such a
+    # set has no metric, and a mean that would have to leave it out is not reported.
+    nonfinite: dict[str, int] = defaultdict(int)
+    for r, d in zip(runs, per_run, strict=True):
+        for s, n in d.get("nonfinite", {}).items():
+            nonfinite[s if s in ood_sets else r.data.get("in_distribution", s)] += int(n)
     means: dict[str, Any] = {}
     for col in MEAN_COLUMNS:
-        sets = [o for o in cells if col == "all" or ood_sets[o] == col]
+        sets = [o for o in order if col == "all" or ood_sets[o] == col]
+        if any(o not in cells for o in sets):
+            continue
         # a seed counts in a mean only when it has every set of that mean
         complete = [(r, d) for r, d in zip(runs, per_run, strict=True)
                     if sets and all(o in d.get("ood", {}) for o in sets)]
@@ -243,6 +251,8 @@ def _row(loss: str, det: str, runs: list[LoadedMetrics], order: list[str],
            "ood": cells, "means": means}
     if costs:
         row["cost"] = _cell(costs)
+    if nonfinite:
+        row["nonfinite"] = dict(nonfinite)
     return row
 
 

@@ -208,3 +208,27 @@ def test_plots_are_written(runs: Path, tmp_path: Path):
     for f in (tmp_path / "figs").iterdir():
         data = f.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_nonfinite_scores_are_shown_and_block_the_means(runs: Path):
+    """A set whose scores held NaN/inf has no metric: its cell says so, and no mean is taken
+    over the remaining sets (that would compare detectors over different sets)."""
+    for seed in (0, 1):
+        path = runs / f"softmax-seed{seed}" / "metrics.json"
+        m = json.loads(path.read_text())
+        del m["detectors"]["msp"]["ood"]["gaussian"]
+        m["detectors"]["msp"]["nonfinite"] = {"gaussian": 3}
+        path.write_text(json.dumps(m))
+    doc = json.loads(invoke(runs, "-f", "json", "--no-write").stdout)
+    assert errors(doc, SCHEMA) == []
+    row = next(r for r in doc["groups"][0]["rows"]
+               if (r["loss"], r["detector"]) == ("softmax", "msp"))
+    assert row["nonfinite"] == {"gaussian": 6}
+    assert "gaussian" not in row["ood"] and "near1" in row["ood"]
+    assert set(row["means"]) == {"near"}  # far and overall would leave gaussian out
+    md = invoke(runs, "-f", "markdown", "--no-write").stdout
+    line = next(ln for ln in md.splitlines() if ln.startswith("| softmax | msp |"))
+    assert "NaN×6" in line
+    res = invoke(runs, "--no-write", "--fail-under", "auroc:gaussian:msp=0.0")
+    assert res.exit_code == 1 and "gaussian" in res.output  # NaN fails even a zero bar
+    assert invoke(runs, "--no-write", "--fail-under", "auroc:gaussian:mmles=0.0").exit_code == 0
