@@ -189,6 +189,8 @@ def _calibrate(run_dir: Path, objective: str, data_root: Path | None, device: st
     out.print(t)
     out.print(f"temperature T = {res['temperature']:.4f} (objective {objective}); "
               f"stored in {run.calibration_path}")
+    if res.get("warning"):
+        console.print(f"[yellow]warning: {res['warning']}")
     if res["at_bound"]:
         console.print(f"[yellow]warning: the temperature stopped at the {res.get('bound', '')} "
                       f"search bound {res.get('bounds', '')}; the validation split may be too "

@@ -21,7 +21,7 @@ import torch
 from oodbench import __version__
 from oodbench.cache import OutputCache, Outputs, cache_key, model_digest
 from oodbench.calibrate import fit_temperature
-from oodbench.data import DataContext, ImageSet, InputTransform
+from oodbench.data import DataContext, ImageSet, InputTransform, get_dataset
 from oodbench.detectors import DETECTORS, Detector, DetectorInput
 from oodbench.detectors.gradients import GRAD_BATCH
 from oodbench.errors import OodbenchError
@@ -49,6 +49,7 @@ class LoadedRun:
     cache: OutputCache
     progress: ProgressFactory = _no_progress
     forward_log: list[str] = field(default_factory=list)
+    imported: dict[str, Any] | None = None  # set for runs made by `import-checkpoint`
 
     @classmethod
     def load(cls, run: Run, device: torch.device, progress: ProgressFactory = _no_progress
@@ -61,7 +62,8 @@ class LoadedRun:
         model = build_model(cfg)
         load_weights(model, state["model"], str(run.checkpoint_path))
         model.to(device).eval()
-        return cls(run, model, model_digest(model), device, OutputCache(run.cache_dir), progress)
+        return cls(run, model, model_digest(model), device, OutputCache(run.cache_dir), progress,
+                   imported=state.get("imported"))
 
     def outputs(self, data: ImageSet, transform: InputTransform,
                 blocks: tuple[str, ...] = ()) -> Outputs:
@@ -93,6 +95,12 @@ def calibrate_run(run: Run, ctx: DataContext, device: torch.device, objective: s
     out = lr.outputs(val, InputTransform.for_model(in_distribution_info(cfg)))
     result = fit_temperature(out.logits, out.labels, objective)
     result.update(split="val", n=len(val), weights=lr.weights)
+    if lr.imported is not None and "val" not in get_dataset(cfg.benchmark.dataset).splits:
+        # Our own runs never train on the held-out part; a foreign network may have.
+        result["warning"] = (
+            "this network was imported: the validation split was carved out of the training "
+            "split, which its authors may have trained on, so the temperature may be fitted "
+            "on seen data (typically too low)")
     write_json(run.calibration_path, result)
     return result
 
