@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -170,7 +170,7 @@ def calibrate(
 
 
 def _calibrate(run_dir: Path, objective: str, data_root: Path | None, device: str) -> None:
-    from oodbench.console import console, out, progress_factory
+    from oodbench.console import out, progress_factory
     from oodbench.data import DataContext
     from oodbench.experiment import pick_device
     from oodbench.pipeline import calibrate_run
@@ -189,12 +189,19 @@ def _calibrate(run_dir: Path, objective: str, data_root: Path | None, device: st
     out.print(t)
     out.print(f"temperature T = {res['temperature']:.4f} (objective {objective}); "
               f"stored in {run.calibration_path}")
+    _calibration_warnings(res)
+
+
+def _calibration_warnings(res: dict[str, Any]) -> None:
+    from oodbench.console import console
+
     if res.get("warning"):
         console.print(f"[yellow]warning: {res['warning']}")
     if res["at_bound"]:
         console.print(f"[yellow]warning: the temperature stopped at the {res.get('bound', '')} "
                       f"search bound {res.get('bounds', '')}; the validation split may be too "
-                      "small or the model degenerate")
+                      "small (a perfectly classified one drives T to its lower bound) or the "
+                      "model degenerate: treat calibrated numbers with care")
 
 
 @app.command("import-checkpoint")
@@ -442,6 +449,7 @@ def _run(benchmark: str, losses: list[str] | None, seeds: int | None, epochs: in
             with progress_factory() as pf:
                 cal = calibrate_run(run_dir, ctx, dev, "nll", pf)
                 console.print(f"calibrated {loss}/seed{seed}: T = {cal['temperature']:.3f}")
+                _calibration_warnings(cal)
                 score_run(run_dir, ctx, dev, None, False, pf)
             run_dirs.append(path)
     _report([runs_root / bench.name], ("auroc", "fpr_at_tpr95"), None)
