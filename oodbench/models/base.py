@@ -42,6 +42,13 @@ class Backbone(nn.Module):
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def he_init(self) -> None:
+        """He (Kaiming) normal initialisation of every convolution, as the ResNet, WRN and
+        DenseNet papers use (fan-out, ReLU gain)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
     def check_taps(self, taps: Collection[str]) -> None:
         unknown = [t for t in taps if t not in self.block_names]
         if unknown:

@@ -70,9 +70,7 @@ class DenseNetBC(Backbone):
         self.transitions = nn.ModuleList(transitions)
         self.bn = nn.BatchNorm2d(c)
         self.feature_dim = c
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.he_init()
 
     def forward_features(self, x: torch.Tensor, taps: Collection[str] = ()
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

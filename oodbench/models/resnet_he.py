@@ -38,9 +38,7 @@ class HeResNet(Backbone):
                 cin = width
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.feature_dim = 64
-        for m in self.modules():  # He initialisation, as in the paper
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.he_init()  # as in the paper
 
     def forward_features(self, x: torch.Tensor, taps: Collection[str] = ()
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

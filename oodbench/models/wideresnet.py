@@ -57,9 +57,7 @@ class WideResNet(Backbone):
         self.groups = nn.ModuleList(groups)
         self.bn = nn.BatchNorm2d(cin)
         self.feature_dim = cin
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.he_init()
 
     def forward_features(self, x: torch.Tensor, taps: Collection[str] = ()
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
