@@ -44,7 +44,8 @@ def image_folder(root: Path) -> Path:
     return root
 
 
-def test_import_calibrate_and_score(tmp_path: Path):
+def setup(tmp_path: Path) -> tuple[Path, Path]:
+    """A fake ResNet-20 checkpoint and a benchmark over a tiny labelled `folder:` dataset."""
     ckpt = tmp_path / "resnet20-fake.th"
     fake_akamaster(ckpt)
     folder = image_folder(tmp_path / "imgs")
@@ -53,6 +54,11 @@ def test_import_calibrate_and_score(tmp_path: Path):
         "name": "tiny", "in_distribution": f"folder:{folder}", "model": "resnet20",
         "losses": ["softmax"], "detectors": ["msp", "energy"], "ood": {"far": ["gaussian"]},
         "train": {"epochs": 1, "val_fraction": 0.2}}))
+    return ckpt, bench
+
+
+def test_import_calibrate_and_score(tmp_path: Path):
+    ckpt, bench = setup(tmp_path)
 
     r = invoke("import-checkpoint", ckpt, "--model", "resnet20", "--benchmark", bench,
                "--run-dir", tmp_path / "run")
@@ -70,13 +76,7 @@ def test_import_calibrate_and_score(tmp_path: Path):
 
 
 def test_a_checkpoint_for_another_model_is_a_clear_error(tmp_path: Path):
-    ckpt = tmp_path / "resnet20-fake.th"
-    fake_akamaster(ckpt)
-    folder = image_folder(tmp_path / "imgs")
-    bench = tmp_path / "tiny.yaml"
-    bench.write_text(yaml.safe_dump({
-        "name": "tiny", "in_distribution": f"folder:{folder}", "model": "resnet20",
-        "losses": ["softmax"], "detectors": ["msp"], "ood": {"far": ["gaussian"]}}))
+    ckpt, bench = setup(tmp_path)
     r = invoke("import-checkpoint", ckpt, "--model", "resnet32", "--benchmark", bench,
                "--run-dir", tmp_path / "run")
     assert r.exit_code == 2
