@@ -11,11 +11,11 @@ import time
 import numpy as np
 import torch
 
-from oodbench.cache import summarise_blocks
 from oodbench.data import DATASETS, DataContext, InputTransform
 from oodbench.detectors import DETECTORS, DetectorInput, create
 from oodbench.models import build_classifier
 from oodbench.pipeline import time_forward
+from oodbench.summaries import summarise_blocks
 
 N, C, D = 10_000, 10, 512
 

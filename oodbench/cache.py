@@ -26,43 +26,9 @@ import torch
 from oodbench.data import ImageSet, InputTransform
 from oodbench.io import read_json, write_json
 from oodbench.models import Classifier
+from oodbench.summaries import BLOCK_SUMMARIES
 
 CACHE_VERSION = "1"
-
-# Column order of the "softmax" summary: "<position aggregate>-<per-position statistic>".
-SOFTMAX_STATS = tuple(f"{agg}-{stat}" for stat in ("msp", "misp", "asp")
-                      for agg in ("max", "min", "mean"))
-
-
-def channel_softmax_stats(b: torch.Tensor) -> torch.Tensor:
-    """The nine intermediate-layer softmax statistics of a block output N×C×H×W → N×9.
-
-    Softmax over channels at each position; per position its max (MSP), min (MiSP) and mean
-    (ASP); each aggregated over positions by max, min and mean (columns: `SOFTMAX_STATS`).
-    ASP is 1/C at every position by construction (a softmax sums to 1), so its three columns
-    carry no information; they are stored only so the full table of the thesis is available.
-    """
-    p = torch.log_softmax(b.float().flatten(2), dim=1).exp()  # N×C×HW
-    per_position = (p.max(dim=1).values, p.min(dim=1).values, p.mean(dim=1))  # each N×HW
-    return torch.stack([agg for s in per_position
-                        for agg in (s.max(dim=1).values, s.min(dim=1).values, s.mean(dim=1))],
-                       dim=1)
-
-
-# Per-sample summaries of a block output N×C×H×W, each → N×k. Detectors read them by
-# "<block>.<summary>". Register more here; they are computed for every tapped block in the one
-# forward pass that fills the cache (full C×H×W maps are never stored).
-BLOCK_SUMMARIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "mean": lambda b: b.mean(dim=(2, 3)),  # spatial mean pooling (Mahalanobis)
-    "softmax": channel_softmax_stats,  # intermediate-layer softmax scores
-}
-
-
-def summarise_blocks(blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every summary of every block, keyed "<block>.<summary>" as in the cache (used by detectors
-    that forward synthetic inputs themselves, e.g. FGSM stand-in OOD samples)."""
-    return {f"{b}.{s}": fn(v) for b, v in blocks.items() for s, fn in BLOCK_SUMMARIES.items()}
-
 
 def model_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()

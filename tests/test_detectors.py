@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from oodbench.cache import SOFTMAX_STATS, channel_softmax_stats
 from oodbench.detectors import DETECTORS, DetectorInput, create
 from oodbench.detectors import mahalanobis as maha
 from oodbench.errors import OodbenchError
+from oodbench.summaries import SOFTMAX_STATS, channel_softmax_stats
 
 LOGITS = torch.tensor([[2.0, 1.0, -1.0], [0.0, 0.0, 0.0], [-3.0, 5.0, 0.5], [30.0, -30.0, 0.0]])
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from oodbench.cache import summarise_blocks
 from oodbench.detectors.base import DetectorInput
 from oodbench.errors import OodbenchError
+from oodbench.summaries import summarise_blocks
 
 GRAD_BATCH = 128  # samples per batched backward pass
 FGSM_EPSILON = 0.05  # FGSM step in [0, 1] pixel units (Lee et al. 2018's adversarial validation)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from oodbench.cache import SOFTMAX_STATS
 from oodbench.detectors.base import DETECTORS, Detector, DetectorInput
 from oodbench.errors import OodbenchError
+from oodbench.summaries import SOFTMAX_STATS
 
 
 class _ChannelSoftmaxScore(Detector):
