@@ -1,34 +1,44 @@
-"""Content-keyed cache of forward outputs: one forward pass per (weights, data, transform).
+"""Content-keyed cache of forward outputs: one forward pass per (weights, data, transform, code).
 
-    <run>/cache/<key>/logits.npy, features.npy, labels.npy, blocks/<block>.<summary>.npy, meta.json
+    <run>/cache/<key>/logits.npy, features.npy, labels.npy, blocks/<block>.<summary>.npy,
+                      meta.json
 
-`key` = sha256(model weights and buffers, dataset pixels and labels, input transform), so a cache
-entry can never be stale: retraining, changing the data or the transform changes the key.
-Arrays are written batch by batch into memory-mapped files (memory does not grow with the
-dataset), under temporary names renamed into place only when complete; they are read back
-memory-mapped. Block outputs are stored as per-sample summaries (see `BLOCK_SUMMARIES`), never
-as full C×H×W maps. A request for blocks that an entry lacks computes only what is missing, in
-one pass.
+`key` = sha256 of the model weights and buffers, the dataset's pixels and labels, the input
+transform, and the code that produces the outputs (the source of the model's backbone and head
+modules, of the block summaries and of the input transform, plus the torch version), so an entry
+can never be stale: retraining, other data, another transform or edited model code all change
+the key. What the key cannot see: a change inside torch's own kernels within one version, or
+code the model calls in other files; `CACHE_VERSION` is bumped when the entry layout changes.
+
+An entry holds what has been asked of it. The base outputs (logits, features, labels) are
+written together; block summaries are named by "<block>.<summary>" keys (`oodbench.summaries`)
+and each is computed only when a detector asks for it, so a detector that reads block means
+never pays for the channel-softmax statistics. Arrays are written batch by batch into
+memory-mapped files (memory does not grow with the dataset) under temporary names, renamed into
+place only when the whole pass is complete, and read back memory-mapped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from oodbench.data import ImageSet, InputTransform
+from oodbench.errors import OodbenchError
 from oodbench.io import read_json, write_json
-from oodbench.models import Classifier
-from oodbench.summaries import BLOCK_SUMMARIES
+from oodbench.models import Classifier, ModelOutput
+from oodbench.summaries import BASE_OUTPUTS, BLOCK_SUMMARIES, split_key, summarise_blocks
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
+
 
 def model_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
@@ -39,9 +49,32 @@ def model_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(weights: str, data: ImageSet, transform: InputTransform) -> str:
+@lru_cache(maxsize=64)
+def _source_digest(files: tuple[str, ...]) -> str:
     h = hashlib.sha256()
-    for part in (CACHE_VERSION, weights, data.fingerprint(), transform.key()):
+    for f in files:
+        h.update(Path(f).read_bytes() if f and Path(f).is_file() else f.encode())
+    return h.hexdigest()
+
+
+def code_digest(model: torch.nn.Module) -> str:
+    """sha256 of the source files that turn pixels into cached outputs, and the torch version."""
+    from oodbench import summaries
+    from oodbench.data import transforms
+
+    modules = [*dict.fromkeys(type(m) for m in model.modules()), summaries, transforms]
+    files = []
+    for m in modules:
+        try:
+            files.append(inspect.getsourcefile(m) or repr(m))
+        except TypeError:  # built-in class (e.g. a torch module): its version covers it
+            files.append(f"{getattr(m, '__module__', '')}.{getattr(m, '__qualname__', m)}")
+    return _source_digest(tuple([*files, f"torch {torch.__version__}"]))
+
+
+def cache_key(weights: str, data: ImageSet, transform: InputTransform, code: str = "") -> str:
+    h = hashlib.sha256()
+    for part in (CACHE_VERSION, weights, data.fingerprint(), transform.key(), code):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
@@ -49,98 +82,160 @@ def cache_key(weights: str, data: ImageSet, transform: InputTransform) -> str:
 
 @dataclass
 class Outputs:
-    """Cached outputs of one dataset, as CPU tensors over memory-mapped arrays."""
+    """Cached outputs of one dataset, as CPU tensors over memory-mapped arrays. `blocks` holds
+    the "<block>.<summary>" keys that were asked for."""
 
     logits: torch.Tensor
     features: torch.Tensor
     labels: torch.Tensor
     blocks: dict[str, torch.Tensor] = field(default_factory=dict)
-    forward_seconds: float = 0.0  # wall time of the forward pass that produced the entry
-    computed: bool = False  # True when this call ran the forward pass (cache miss)
 
 
 def _load(path: Path) -> torch.Tensor:
     # copy-on-write map: tensors may be modified in memory, the file never is
-    return torch.from_numpy(np.load(path, mmap_mode="c"))
+    try:
+        return torch.from_numpy(np.load(path, mmap_mode="c"))
+    except (OSError, ValueError) as e:
+        raise OodbenchError(f"cache file {path} is unreadable ({e})",
+                            f"delete the folder {path.parent} (it is recomputed on the next "
+                            "`score`)") from None
+
+
+class CacheEntry:
+    """One folder of the cache: which outputs it holds, and reading them."""
+
+    def __init__(self, path: Path, n: int) -> None:
+        self.path, self.n = Path(path), n
+
+    def file(self, key: str) -> Path:
+        return self.path / f"{key}.npy" if key in (*BASE_OUTPUTS, "labels") else (
+            self.path / "blocks" / f"{key}.npy")
+
+    def has(self, key: str) -> bool:
+        return self.file(key).exists()
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """The requested keys not stored yet; the base outputs count as one unit."""
+        want = [*BASE_OUTPUTS, *sorted(k for k in keys if k not in BASE_OUTPUTS)]
+        return [k for k in want if not self.has(k)]
+
+    def meta(self) -> dict:
+        path = self.path / "meta.json"
+        return read_json(path) if path.exists() else {}
+
+    def load(self, keys: Collection[str]) -> Outputs:
+        out = Outputs(*(self._checked(k) for k in (*BASE_OUTPUTS, "labels")))
+        out.blocks = {k: self._checked(k) for k in keys if k not in BASE_OUTPUTS}
+        return out
+
+    def _checked(self, key: str) -> torch.Tensor:
+        t = _load(self.file(key))
+        if len(t) != self.n:
+            raise OodbenchError(f"cache file {self.file(key)} holds {len(t)} rows, expected "
+                                f"{self.n} (truncated or foreign)",
+                                f"delete the folder {self.path} (it is recomputed on the next "
+                                "`score`)")
+        return t
+
+
+class EntryWriter:
+    """Streams batches of outputs into an entry's temporary memory-mapped files; `commit`
+    renames them into place (atomic per file, labels and meta last), `abort` removes them."""
+
+    def __init__(self, entry: CacheEntry, keys: list[str], labels: torch.Tensor,
+                 dataset: str) -> None:
+        self.entry, self.keys, self.labels, self.dataset = entry, keys, labels, dataset
+        self.tag = f".tmp-{os.getpid()}"
+        self.maps: dict[str, np.memmap] = {}
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """Blocks the forward pass must return for the keys being written."""
+        return tuple(dict.fromkeys(split_key(k)[0] for k in self.keys if k not in BASE_OUTPUTS))
+
+    def write(self, start: int, out: ModelOutput) -> None:
+        values = {}
+        if "logits" in self.keys:
+            values.update(logits=out.logits, features=out.features)
+        values.update(summarise_blocks(out.blocks, [k for k in self.keys
+                                                    if k not in BASE_OUTPUTS]))
+        for key, value in values.items():
+            if key not in self.maps:
+                path = self.entry.file(key)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.maps[key] = np.lib.format.open_memmap(
+                    str(path) + self.tag, mode="w+", dtype=np.float32,
+                    shape=(self.entry.n, *value.shape[1:]))
+            self.maps[key][start:start + len(value)] = value.detach().float().cpu().numpy()
+
+    def commit(self, seconds: float, device: str) -> None:
+        for key, mm in self.maps.items():
+            mm.flush()
+            os.replace(str(self.entry.file(key)) + self.tag, self.entry.file(key))
+        self.maps.clear()
+        if "logits" in self.keys:
+            tmp = str(self.entry.file("labels")) + self.tag + ".npy"
+            np.save(tmp, self.labels.cpu().numpy())
+            os.replace(tmp, self.entry.file("labels"))
+            write_json(self.entry.path / "meta.json",
+                       {"version": CACHE_VERSION, "dataset": self.dataset, "n": self.entry.n,
+                        "forward_seconds": seconds, "device": device})
+
+    def abort(self) -> None:
+        for key in self.maps:
+            Path(str(self.entry.file(key)) + self.tag).unlink(missing_ok=True)
+        self.maps.clear()
 
 
 class OutputCache:
+    """The run's cache folder. `entry` finds an entry; `writer` streams the missing keys of one;
+    `get` is the whole no-gradient path (run the model only for what the entry lacks)."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def entry(self, key: str) -> Path:
-        return self.root / key
+    def entry(self, key: str, n: int = -1) -> CacheEntry:
+        return CacheEntry(self.root / key, n)
 
     def get(self, model: Classifier, weights: str, data: ImageSet, transform: InputTransform,
-            blocks: tuple[str, ...] = (), device: torch.device | str = "cpu",
-            batch_size: int = 512, progress: Callable[[int], None] | None = None) -> Outputs:
-        """Outputs for `data`, running the model only for what the cache lacks."""
-        d = self.entry(cache_key(weights, data, transform))
-        meta_path = d / "meta.json"
-        have = meta_path.exists()
-        missing_blocks = [b for b in blocks
-                          if not all((d / "blocks" / f"{b}.{s}.npy").exists()
-                                     for s in BLOCK_SUMMARIES)]
-        computed = False
-        if not have or missing_blocks:
-            seconds = self._compute(d, model, data, transform, tuple(missing_blocks),
-                                    with_logits=not have, device=device,
-                                    batch_size=batch_size, progress=progress)
-            if not have:
-                write_json(meta_path, {"version": CACHE_VERSION, "dataset": data.name,
-                                       "n": len(data), "forward_seconds": seconds,
-                                       "device": str(device), "created": time.time()})
-            computed = True
-        meta = read_json(meta_path)
-        out = Outputs(_load(d / "logits.npy"), _load(d / "features.npy"), _load(d / "labels.npy"),
-                      forward_seconds=float(meta["forward_seconds"]), computed=computed)
-        for b in blocks:
-            for s in BLOCK_SUMMARIES:
-                out.blocks[f"{b}.{s}"] = _load(d / "blocks" / f"{b}.{s}.npy")
-        return out
+            keys: Collection[str] = (), device: torch.device | str = "cpu",
+            batch_size: int = 256, code: str | None = None) -> tuple[Outputs, bool]:
+        """Outputs for `data` with the requested block-summary keys; True when it ran the model."""
+        code = code_digest(model) if code is None else code
+        entry = self.entry(cache_key(weights, data, transform, code), len(data))
+        missing = entry.missing(keys)
+        if missing:
+            writer = EntryWriter(entry, missing, data.labels, data.name)
+            seconds = forward_into(model, data, transform, writer, device, batch_size)
+            writer.commit(seconds, str(device))
+        return entry.load(keys), bool(missing)
 
-    @torch.no_grad()
-    def _compute(self, d: Path, model: Classifier, data: ImageSet, transform: InputTransform,
-                 blocks: tuple[str, ...], with_logits: bool, device: torch.device | str,
-                 batch_size: int, progress: Callable[[int], None] | None) -> float:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "blocks").mkdir(exist_ok=True)
-        model.eval().to(device)
-        writers: dict[Path, np.memmap] = {}
-        tag = f".tmp-{os.getpid()}"
 
-        def write(path: Path, start: int, value: torch.Tensor) -> None:
-            if path not in writers:
-                writers[path] = np.lib.format.open_memmap(
-                    str(path) + tag, mode="w+", dtype=np.float32,
-                    shape=(len(data), *value.shape[1:]))
-            writers[path][start:start + len(value)] = value.float().cpu().numpy()
+def check_summary_keys(keys: Iterable[str]) -> None:
+    unknown = [k for k in keys if k not in BASE_OUTPUTS and split_key(k)[1] not in BLOCK_SUMMARIES]
+    if unknown:
+        raise ValueError(f"unknown cached outputs {unknown}; summaries: {list(BLOCK_SUMMARIES)}")
 
-        start_time = time.perf_counter()
-        try:
-            for start in range(0, len(data), batch_size):
-                x = data.images[start:start + batch_size].to(device, non_blocking=True)
-                out = model.forward_all(transform(x), taps=blocks)
-                if with_logits:
-                    write(d / "logits.npy", start, out.logits)
-                    write(d / "features.npy", start, out.features)
-                for b, value in out.blocks.items():
-                    for s, fn in BLOCK_SUMMARIES.items():
-                        write(d / "blocks" / f"{b}.{s}.npy", start, fn(value))
-                if progress:
-                    progress(len(x))
-            if str(device).startswith("cuda"):
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start_time
-            for path, mm in writers.items():
-                mm.flush()
-                del mm
-                os.replace(str(path) + tag, path)
-            writers.clear()
-            if with_logits:
-                np.save(str(d / "labels.npy") + tag + ".npy", data.labels.cpu().numpy())
-                os.replace(str(d / "labels.npy") + tag + ".npy", d / "labels.npy")
-        finally:
-            for path in writers:
-                Path(str(path) + tag).unlink(missing_ok=True)
-        return seconds
+
+@torch.no_grad()
+def forward_into(model: Classifier, data: ImageSet, transform: InputTransform,
+                 writer: EntryWriter, device: torch.device | str, batch_size: int,
+                 progress: Callable[[int], None] | None = None) -> float:
+    """One no-gradient pass over `data` writing the writer's keys; returns its wall time."""
+    import time
+
+    check_summary_keys(writer.keys)
+    model.eval().to(device)
+    tic = time.perf_counter()
+    try:
+        for start in range(0, len(data), batch_size):
+            x = data.images[start:start + batch_size].to(device, non_blocking=True)
+            writer.write(start, model.forward_all(transform(x), taps=writer.taps))
+            if progress is not None:
+                progress(len(x))
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+    except BaseException:
+        writer.abort()
+        raise
+    return time.perf_counter() - tic

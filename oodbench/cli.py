@@ -3,7 +3,9 @@ print. Every error caused by input is an `OodbenchError`, printed as one message
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,13 +40,37 @@ def _fail(e: OodbenchError) -> None:
     raise typer.Exit(2)
 
 
-def _threads() -> None:
-    import torch
+def command(name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command whose `OodbenchError`s print as one message with its fix and exit
+    with code 2 (the one place that turns user errors into exit codes)."""
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except OodbenchError as e:
+                _fail(e)
+
+        return app.command(name)(wrapper)
+
+    return decorate
 
 
-@app.command()
+RunsRoot = Annotated[Path, typer.Option(
+    help="Folder holding the run folders (where `train` puts them).")]
+RunDirArg = Annotated[Path | None, typer.Argument(
+    help="Run folder made by `oodbench train`. Default: every run under --runs-root, "
+         "narrowed by --benchmark / --loss / --seed.", show_default=False)]
+BenchmarkFilter = Annotated[str | None, typer.Option(
+    help="Without a run folder: only runs of this benchmark.")]
+LossFilter = Annotated[str | None, typer.Option(help="Without a run folder: only this loss.")]
+SeedFilter = Annotated[int | None, typer.Option(help="Without a run folder: only this seed.")]
+BatchSize = Annotated[int | None, typer.Option(
+    help="Inference batch size (default: the fastest one, measured once on this device).")]
+
+
+@command()
 def train(
     benchmark: Annotated[str | None, typer.Option(
         help="Benchmark name (see `oodbench list benchmarks`) or YAML file. [default: digits]")
@@ -56,8 +82,9 @@ def train(
     epochs: Annotated[int | None, typer.Option(
         help="Override the benchmark's number of epochs.")] = None,
     run_dir: Annotated[Path | None, typer.Option(
-        help="Run folder (default: runs/BENCHMARK/LOSS-seedSEED). An existing one resumes.")
+        help="Run folder (default: RUNS_ROOT/BENCHMARK/LOSS-seedSEED). An existing one resumes.")
     ] = None,
+    runs_root: RunsRoot = Path("runs"),
     data_root: DataRoot = None,
     device: Device = "auto",
     loss_option: Annotated[list[str] | None, typer.Option(
@@ -71,13 +98,31 @@ def train(
 ) -> None:
     """Train one model with one loss; resumes if the run folder holds an unfinished checkpoint.
 
-    Example: `oodbench train --benchmark digits --loss dismax --seed 1`
+    Example: `oodbench train --loss dismax` · `oodbench train --benchmark mnist --seed 1`
     """
+    from oodbench.console import RichTrainReporter, console, make_progress
+    from oodbench.data import DataContext
+    from oodbench.experiment import pick_device
+    from oodbench.workflow import TrainRequest, prepare_run, train_run
+
+    ctx = DataContext.resolve(data_root)
+    run = prepare_run(TrainRequest(benchmark, loss, seed, epochs, run_dir,
+                                   _parse_options(loss_option or []), runs_root), ctx)
+    cfg, dev = run.config(), pick_device(device)
+    label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"
+    if run.is_trained():
+        console.print(f"[green]{label} is already trained[/] ({run.path})")
+        return
+    console.print(f"training {label} · model {cfg.benchmark.model} · device {dev} · "
+                  f"{cfg.benchmark.train.epochs} epochs → {run.path}")
     try:
-        _train(benchmark, loss, seed, epochs, run_dir, data_root, device,
-               _parse_options(loss_option or []), mixed_precision)
-    except OodbenchError as e:
-        _fail(e)
+        with make_progress() as p:
+            history = train_run(run, ctx, dev, RichTrainReporter(p, label), mixed_precision)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted; checkpoint saved. Run the same command to resume "
+                      f"({run.path}).")
+        raise typer.Exit(130) from None
+    console.print(f"[green]done[/] {label}: val accuracy {history[-1]['val_accuracy']:.1%}")
 
 
 def _parse_options(items: list[str]) -> dict[str, object]:
@@ -103,108 +148,72 @@ def _parse_options(items: list[str]) -> dict[str, object]:
     return out
 
 
-def _train(benchmark: str | None, loss: str | None, seed: int | None, epochs: int | None,
-           run_dir: Path | None, data_root: Path | None, device: str,
-           loss_options: dict | None = None, mixed_precision: bool | None = None) -> Path:
-    from oodbench.config import RunConfig, load_benchmark
-    from oodbench.console import RichTrainReporter, console, make_progress
-    from oodbench.data import DataContext
-    from oodbench.data.availability import require_benchmark_data
-    from oodbench.experiment import pick_device
-    from oodbench.losses import LOSSES
-    from oodbench.models import check_block_activation
-    from oodbench.runs import Run, default_run_dir
-    from oodbench.train import make_criterion
-    from oodbench.train import train as train_loop
+def _runs(run_dir: Path | None, runs_root: Path, benchmark: str | None, loss: str | None,
+          seed: int | None) -> list[Any]:
+    """The run folder given, or every run under the runs root that matches the filters
+    (printed, so the user sees what the command acts on)."""
+    from oodbench.console import console
+    from oodbench.runs import Run
+    from oodbench.workflow import find_runs
 
-    explicit = (benchmark, loss, seed, epochs) != (None, None, None, None) or bool(loss_options)
-    if run_dir is not None and (run_dir / "config.yaml").exists() and not explicit:
-        run = Run.open(run_dir)  # resume / finish the run as configured
-    else:
-        bench = load_benchmark(benchmark or "digits")
-        loss = loss or "dismax"
-        check_block_activation(bench.model, LOSSES.get(loss).block_activation, loss)
-        if epochs is not None:
-            bench.train.epochs = epochs
-        require_benchmark_data(bench, DataContext.resolve(data_root))
-        cfg = RunConfig(bench, loss, 0 if seed is None else seed,
-                        {**bench.loss_options.get(loss, {}), **(loss_options or {})})
-        run = Run.create(run_dir or default_run_dir(cfg), cfg)  # refuses a different config
-    cfg = run.config()
-    make_criterion(cfg)  # bad loss options fail here, before any data is loaded
-    dev = pick_device(device)
-    label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"
-    if run.is_trained():
-        console.print(f"[green]{label} is already trained[/] ({run.path})")
-        return run.path
-    console.print(f"training {label} · model {cfg.benchmark.model} · device {dev} · "
-                  f"{cfg.benchmark.train.epochs} epochs → {run.path}")
-    try:
-        with make_progress() as p:
-            history = train_loop(run, DataContext.resolve(data_root), dev,
-                                 RichTrainReporter(p, label), mixed_precision=mixed_precision)
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted; checkpoint saved. Run the same command to resume "
-                      f"({run.path}).")
-        raise typer.Exit(130) from None
-    last = history[-1]
-    console.print(f"[green]done[/] {label}: val accuracy {last['val_accuracy']:.1%}")
-    return run.path
+    if run_dir is not None:
+        if (benchmark, loss, seed) != (None, None, None):
+            raise OodbenchError("--benchmark / --loss / --seed select runs only when no run "
+                                "folder is given", "drop them, or drop the run folder")
+        return [Run.open(run_dir)]
+    runs = find_runs(runs_root, benchmark, loss, seed)
+    console.print(f"{len(runs)} run(s) under {runs_root}/: "
+                  + ", ".join(str(r.path) for r in runs))
+    return runs
 
 
-@app.command()
+@command()
 def calibrate(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder made by `oodbench train`.")],
+    run_dir: RunDirArg = None,
     objective: Annotated[str, typer.Option(help="nll (default) or ece (15 bins).")] = "nll",
+    runs_root: RunsRoot = Path("runs"),
+    benchmark: BenchmarkFilter = None,
+    loss: LossFilter = None,
+    seed: SeedFilter = None,
+    batch_size: BatchSize = None,
     data_root: DataRoot = None,
     device: Device = "auto",
 ) -> None:
     """Fit a temperature on the validation split (never the test split) and store it.
 
-    Example: `oodbench calibrate runs/digits/dismax-seed0 --objective ece`
+    Example: `oodbench calibrate` (every run under runs/) ·
+    `oodbench calibrate runs/digits/dismax-seed0 --objective ece`
     """
-    try:
-        _calibrate(run_dir, objective, data_root, device)
-    except OodbenchError as e:
-        _fail(e)
-
-
-def _calibrate(run_dir: Path, objective: str, data_root: Path | None, device: str) -> None:
     from oodbench.console import out, progress_factory
     from oodbench.data import DataContext
     from oodbench.experiment import pick_device
     from oodbench.pipeline import calibrate_run
-    from oodbench.runs import Run
 
-    run = Run.open(run_dir)
-    with progress_factory() as pf:
-        res = calibrate_run(run, DataContext.resolve(data_root), pick_device(device), objective,
-                            pf)
-    t = Table(title=f"calibration of {run_dir} on {res['split']} ({res['n']} samples)")
-    for c in ("", "accuracy", "ECE", "NLL"):
-        t.add_column(c, justify="right")
-    for k in ("before", "after"):
-        m = res[k]
-        t.add_row(k, f"{m['accuracy']:.2%}", f"{m['ece']:.2%}", f"{m['nll']:.4f}")
-    out.print(t)
-    out.print(f"temperature T = {res['temperature']:.4f} (objective {objective}); "
-              f"stored in {run.calibration_path}")
-    _calibration_warnings(res)
+    ctx, dev = DataContext.resolve(data_root), pick_device(device)
+    for run in _runs(run_dir, runs_root, benchmark, loss, seed):
+        with progress_factory() as pf:
+            res = calibrate_run(run, ctx, dev, objective, pf, batch_size)
+        t = Table(title=f"calibration of {run.path} on {res['split']} ({res['n']} samples)")
+        for c in ("", "accuracy", "ECE", "NLL"):
+            t.add_column(c, justify="right")
+        for k in ("before", "after"):
+            m = res[k]
+            t.add_row(k, f"{m['accuracy']:.2%}", f"{m['ece']:.2%}", f"{m['nll']:.4f}")
+        out.print(t)
+        out.print(f"temperature T = {res['temperature']:.4f} (objective {objective}); "
+                  f"stored in {run.calibration_path}")
+        _warn(res)
 
 
-def _calibration_warnings(res: dict[str, Any]) -> None:
+def _warn(res: dict[str, Any]) -> None:
     from oodbench.console import console
+    from oodbench.workflow import calibration_warnings
 
-    if res.get("warning"):
-        console.print(f"[yellow]warning: {res['warning']}")
-    if res["at_bound"]:
-        console.print(f"[yellow]warning: the temperature stopped at the {res.get('bound', '')} "
-                      f"search bound {res.get('bounds', '')}; the validation split may be too "
-                      "small (a perfectly classified one drives T to its lower bound) or the "
-                      "model degenerate: treat calibrated numbers with care")
+    for w in calibration_warnings(res):
+        console.print(f"[yellow]warning: {w}")
 
 
-@app.command("import-checkpoint")
+@command("import-checkpoint")
 def import_checkpoint(
     path: Annotated[Path, typer.Argument(help="Pretrained checkpoint file (a known format).")],
     model: Annotated[str, typer.Option(help="The checkpoint's model, e.g. resnet20.")],
@@ -218,23 +227,20 @@ def import_checkpoint(
     Example: `oodbench import-checkpoint ../shared/data/models/akamaster-resnet-cifar10/\
 resnet20-12fca82f.th --model resnet20 --benchmark cifar10-jpeg`
     """
-    try:
-        from oodbench.checkpoint_import import import_checkpoint as do_import
-        from oodbench.console import out
+    from oodbench.checkpoint_import import import_checkpoint as do_import
+    from oodbench.console import out
 
-        run, info = do_import(path, model, benchmark, run_dir)
-        cfg = run.config()
-        meta = ", ".join(f"{k} {v:g}" for k, v in info["metadata"].items())
-        out.print(f"imported {info['format']} checkpoint ({model}{'; ' + meta if meta else ''}) "
-                  f"→ {run.path} · input normalisation {cfg.benchmark.normalization}")
-        out.print(f"next: `oodbench calibrate {run.path}` and `oodbench score {run.path}`")
-    except OodbenchError as e:
-        _fail(e)
+    run, info = do_import(path, model, benchmark, run_dir)
+    cfg = run.config()
+    meta = ", ".join(f"{k} {v:g}" for k, v in info["metadata"].items())
+    out.print(f"imported {info['format']} checkpoint ({model}{'; ' + meta if meta else ''}) "
+              f"→ {run.path} · input normalisation {cfg.benchmark.normalization}")
+    out.print(f"next: `oodbench calibrate {run.path}` and `oodbench score {run.path}`")
 
 
-@app.command()
+@command()
 def score(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder made by `oodbench train`.")],
+    run_dir: RunDirArg = None,
     detector: Annotated[list[str] | None, typer.Option(
         "--detector", "-d",
         help="Detector to score (repeatable; default: the benchmark's list).")] = None,
@@ -249,28 +255,41 @@ def score(
              "(defaults), id (in-dist validation only), fgsm (in-dist validation vs FGSM copies; "
              "no OOD data), ood (needs --ood-validation).")] = None,
     ood_validation: Annotated[str | None, typer.Option(
-        help="Dataset used as OOD validation data with --selection ood (explicit opt-in).")
-    ] = None,
+        help="Dataset used as OOD validation data with --selection ood (explicit opt-in); a "
+             "split disjoint from every test set is used, checked by image content.")] = None,
+    runs_root: RunsRoot = Path("runs"),
+    benchmark: BenchmarkFilter = None,
+    loss: LossFilter = None,
+    seed: SeedFilter = None,
+    batch_size: BatchSize = None,
     data_root: DataRoot = None,
     device: Device = "auto",
 ) -> None:
     """Score detectors on the in-distribution test set and every OOD set; write metrics.json.
 
     Forward outputs are cached in the run folder, so scoring again (or with other gradient-free
-    detectors) runs no forward pass.
+    detectors) runs no forward pass; ODIN's clean forward also fills the cache.
 
-    Example: `oodbench score runs/digits/dismax-seed0 -d msp -d mmles` ·
+    Example: `oodbench score --detector odin` (every run under runs/) ·
+    `oodbench score runs/digits/dismax-seed0 -d msp -d mmles` ·
     `oodbench score RUN -d odin --selection fgsm` · `oodbench score RUN -d odin -p odin.T=100`
     """
-    try:
-        _score(run_dir, detector, calibrated, data_root, device, param, selection,
-               ood_validation)
-    except OodbenchError as e:
-        _fail(e)
+    from oodbench.console import progress_factory
+    from oodbench.data import DataContext
+    from oodbench.experiment import pick_device
+    from oodbench.pipeline import score_run
+
+    ctx, dev, params = DataContext.resolve(data_root), pick_device(device), parse_params(param)
+    for run in _runs(run_dir, runs_root, benchmark, loss, seed):
+        with progress_factory() as pf:
+            m = score_run(run, ctx, dev, detector, calibrated, pf, params, selection,
+                          ood_validation, batch_size)
+        _print_scores(run.path, m)
 
 
 def parse_params(items: list[str] | None) -> dict[str, dict[str, object]]:
-    """["odin.T=100", ...] → {"odin": {"T": 100}}; values are parsed as YAML."""
+    """["odin.T=100", ...] → {"odin": {"T": 100}}; values are parsed as YAML (the detector
+    types and checks them)."""
     import yaml
 
     out: dict[str, dict[str, object]] = {}
@@ -287,25 +306,13 @@ def parse_params(items: list[str] | None) -> dict[str, dict[str, object]]:
     return out
 
 
-def _score(run_dir: Path, detectors: list[str] | None, calibrated: bool, data_root: Path | None,
-           device: str, param: list[str] | None = None, selection: str | None = None,
-           ood_validation: str | None = None) -> None:
-    from oodbench.console import console, out, progress_factory
-    from oodbench.data import DataContext
-    from oodbench.data.availability import require_benchmark_data
-    from oodbench.experiment import pick_device
-    from oodbench.pipeline import score_run
-    from oodbench.runs import Run
+def _print_scores(run_dir: Path, m: dict[str, Any]) -> None:
+    from oodbench.console import console, out
 
-    run = Run.open(run_dir)
-    require_benchmark_data(run.config().benchmark, DataContext.resolve(data_root))
-    with progress_factory() as pf:
-        m = score_run(run, DataContext.resolve(data_root), pick_device(device), detectors,
-                      calibrated, pf, parse_params(param), selection, ood_validation)
-    hits = [line for line in m["forward_log"] if line.endswith("cache hit")]
-    if hits and len(hits) == len(m["forward_log"]):
+    if m["images_forwarded"] == 0:
         console.print("[green]all outputs from the cache: no forward pass was run")
     else:
+        console.print(f"the model processed {m['images_forwarded']} images:")
         for line in m["forward_log"]:
             console.print(f"  {line}")
     t = Table(title=f"{run_dir}: AUROC / FPR@95%TPR (%)")
@@ -313,12 +320,14 @@ def _score(run_dir: Path, detectors: list[str] | None, calibrated: bool, data_ro
     for o in m["ood_sets"]:
         t.add_column(o, justify="right")
     t.add_column("cost", justify="right")
-    for d, r in m["detectors"].items():
+    for d in m["scored"]:
+        r = m["detectors"][d]
         t.add_row(d, *[f"{r['ood'][o]['auroc']:.1%} / {r['ood'][o]['fpr_at_tpr95']:.1%}"
                        if o in r["ood"] else "n/a" for o in m["ood_sets"]],
                   f"{r.get('cost', float('nan')):.2f}×")
     out.print(t)
-    for d, r in m["detectors"].items():
+    for d in m["scored"]:
+        r = m["detectors"][d]
         for s, n in r.get("nonfinite", {}).items():
             console.print(f"[bold red]{d}: {n} NaN/infinite score(s) on {s}; no metric computed")
         sel = r.get("selection", {})
@@ -326,10 +335,10 @@ def _score(run_dir: Path, detectors: list[str] | None, calibrated: bool, data_ro
             console.print(f"{d}: selection {sel['mode']} on {sel.get('validation')} vs "
                           f"{sel.get('negatives')}: {sel.get('chosen', sel.get('weights'))}")
     out.print(f"test accuracy {m['classification']['uncalibrated']['accuracy']:.2%}; "
-              f"metrics in {run.metrics_path}")
+              f"metrics in {run_dir / 'metrics.json'}")
 
 
-@app.command()
+@command()
 def report(
     paths: Annotated[list[Path] | None, typer.Argument(
         help="Run folders or folders of runs (default: runs/).")] = None,
@@ -379,23 +388,13 @@ def report(
     """
     from oodbench.report_command import ReportOptions, run_report
 
-    try:
-        opts = ReportOptions(metric, ood, detector, loss, fmt, style, pair, compare, plots,
-                             bootstrap, fail_under or [], fail_over or [], output, write)
-        code = run_report(paths or [Path("runs")], opts)
-    except OodbenchError as e:
-        _fail(e)
+    opts = ReportOptions(metric, ood, detector, loss, fmt, style, pair, compare, plots,
+                         bootstrap, fail_under or [], fail_over or [], output, write)
+    code = run_report(paths or [Path("runs")], opts)
     if code:
         raise typer.Exit(code)
 
-
-def _report(paths: list[Path], metrics: tuple[str, ...], output: Path | None) -> None:
-    from oodbench.report_command import ReportOptions, run_report
-
-    # the tables show `metrics`; report.json / .csv keep every metric
-    run_report(paths, ReportOptions(table_metrics=metrics, output=output))
-
-@app.command()
+@command()
 def run(
     benchmark: Annotated[str, typer.Argument(
         help="Benchmark name or YAML file (default: the embedded `digits`).")] = "digits",
@@ -404,7 +403,7 @@ def run(
     seeds: Annotated[int | None, typer.Option(help="Use the first N of the benchmark's seeds.")
                      ] = None,
     epochs: Annotated[int | None, typer.Option(help="Override the number of epochs.")] = None,
-    runs_root: Annotated[Path, typer.Option(help="Folder for the run folders.")] = Path("runs"),
+    runs_root: RunsRoot = Path("runs"),
     data_root: DataRoot = None,
     device: Device = "auto",
 ) -> None:
@@ -413,49 +412,22 @@ def run(
     Finished steps are skipped, so an interrupted `run` continues where it stopped.
 
     Example: `oodbench run` (embedded digits, no download) ·
-    `oodbench run benchmarks/mnist.yaml --data-root ../shared/data`
+    `oodbench run benchmarks/mnist.yaml --data-root ../shared/data` · `oodbench run --epochs 2`
     """
-    try:
-        _run(benchmark, loss, seeds, epochs, runs_root, data_root, device)
-    except OodbenchError as e:
-        _fail(e)
-
-
-def _run(benchmark: str, losses: list[str] | None, seeds: int | None, epochs: int | None,
-         runs_root: Path, data_root: Path | None, device: str) -> None:
-    from oodbench.config import RunConfig, load_benchmark
-    from oodbench.console import console, progress_factory
+    from oodbench.console import RichTrainReporter, console, make_progress, progress_factory
     from oodbench.data import DataContext
-    from oodbench.data.availability import require_benchmark_data
     from oodbench.experiment import pick_device
-    from oodbench.pipeline import calibrate_run, score_run
-    from oodbench.runs import Run, default_run_dir
+    from oodbench.report_command import ReportOptions, run_report
+    from oodbench.workflow import BenchmarkRequest, run_benchmark
 
-    bench = load_benchmark(benchmark)
-    if epochs is not None:
-        bench.train.epochs = epochs
-    ctx = DataContext.resolve(data_root)
-    require_benchmark_data(bench, ctx)
-    dev = pick_device(device)
-    chosen = losses or bench.losses
-    run_dirs = []
-    for loss in chosen:
-        for seed in bench.seeds[:seeds] if seeds else bench.seeds:
-            cfg = RunConfig(bench, loss, seed, dict(bench.loss_options.get(loss, {})))
-            path = default_run_dir(cfg, runs_root)
-            Run.create(path, cfg)
-            _train(bench.name, loss, seed, None, path, data_root, device)
-            run_dir = Run.open(path)
-            with progress_factory() as pf:
-                cal = calibrate_run(run_dir, ctx, dev, "nll", pf)
-                console.print(f"calibrated {loss}/seed{seed}: T = {cal['temperature']:.3f}")
-                _calibration_warnings(cal)
-                score_run(run_dir, ctx, dev, None, False, pf)
-            run_dirs.append(path)
-    _report([runs_root / bench.name], ("auroc", "fpr_at_tpr95"), None)
+    with make_progress() as p, progress_factory(p) as pf:
+        folder = run_benchmark(BenchmarkRequest(benchmark, loss, seeds, epochs, runs_root),
+                               DataContext.resolve(data_root), pick_device(device),
+                               lambda label: RichTrainReporter(p, label), pf, console.print)
+    run_report([folder], ReportOptions(table_metrics=("auroc", "fpr_at_tpr95")))
 
 
-@app.command()
+@command()
 def data(
     download: Annotated[list[str] | None, typer.Option(
         "--download", help="Download this dataset into the data root first (repeatable; "
@@ -468,20 +440,13 @@ def data(
 
     Example: `oodbench data --data-root ../shared/data` · `oodbench data --download cifar10`
     """
-    try:
-        _data(download or [], data_root)
-    except OodbenchError as e:
-        _fail(e)
-
-
-def _data(download: list[str], data_root: Path | None) -> None:
     from oodbench.console import out
     from oodbench.data import DataContext
     from oodbench.data.status import dataset_statuses, human_size
     from oodbench.data.status import download as fetch
 
     ctx = DataContext.resolve(data_root, download=bool(download))
-    fetch(download, ctx)
+    fetch(download or [], ctx)
     colour = {"present": "green", "missing": "yellow", "checksum mismatch": "bold red"}
     t = Table(title=f"datasets under {ctx.root.resolve()} (cache: {ctx.cache_root})")
     for c in ("dataset", "status", "size", "how to get it"):
@@ -493,19 +458,12 @@ def _data(download: list[str], data_root: Path | None) -> None:
     out.print(t)
 
 
-@app.command("list")
+@command("list")
 def list_(
     what: Annotated[str, typer.Argument(
         help="losses, detectors, models, datasets or benchmarks.")] = "all",
 ) -> None:
     """List what the registries hold (each is the one place to add a member)."""
-    try:
-        _list(what)
-    except OodbenchError as e:
-        _fail(e)
-
-
-def _list(what: str) -> None:
     from oodbench.config import available_benchmarks
     from oodbench.console import out
     from oodbench.data import DATASETS

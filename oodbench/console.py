@@ -28,15 +28,23 @@ def make_progress() -> Progress:
 
 
 @contextmanager
-def progress_factory() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    """Yields `new(description, total) -> advance(n)` for the pipeline's loops."""
-    with make_progress() as p:
+def progress_factory(shared: Progress | None = None
+                     ) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """Yields `new(description, total) -> advance(n)` for the pipeline's loops (on `shared`, a
+    live display already open, or on a new one)."""
 
+    def new_on(p: Progress) -> Callable[[str, int], Callable[[int], None]]:
         def new(description: str, total: int) -> Callable[[int], None]:
             task = p.add_task(description, total=total, info="")
             return lambda n: p.advance(task, n)
 
-        yield new
+        return new
+
+    if shared is not None:
+        yield new_on(shared)
+        return
+    with make_progress() as p:
+        yield new_on(p)
 
 
 class RichTrainReporter(StepReporter):

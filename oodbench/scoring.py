@@ -1,0 +1,531 @@
+"""The phases of `score`, each a small function with a typed record between them.
+
+    plan        → Plan        which detectors, which cached outputs each set needs, which
+                               detectors score through the shared gradient forward
+    load_sets   → SetBundle   the in-distribution splits and OOD sets, each moved to the device
+                               once; OOD validation data checked disjoint from every test set
+    forward_fit → Outputs     train / val outputs from the cache (one no-grad pass if missing)
+    fit_select  → Setup       detectors fitted on in-distribution train data and their
+                               hyperparameters selected on validation data, before any test set
+                               is handed to a detector
+    forward_eval→ SetResult   per test / OOD set ONE forward pass: it fills the missing cache
+                               keys and, when a gradient detector (ODIN, Mahalanobis with ε) is
+                               scored, is that detector's clean forward too (no extra plain pass)
+    score_sets  → Scores      every detector on every set, with its own time
+    assemble    → dict        the metrics record that `metrics.json` and `report` share
+
+`pipeline.score_run` strings them together; each can be called from Python on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from oodbench.cache import CacheEntry, EntryWriter, Outputs, cache_key, forward_into
+from oodbench.config import OODSet, RunConfig
+from oodbench.data import DataContext, ImageSet, InputTransform, get_dataset
+from oodbench.detectors import DETECTORS, Detector, DetectorInput
+from oodbench.detectors.gradients import frozen
+from oodbench.errors import OodbenchError
+from oodbench.experiment import in_distribution_info, load_in_distribution, load_ood
+from oodbench.summaries import BASE_OUTPUTS
+
+# progress(description, total) -> advance(n); the CLI maps it to rich progress bars.
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+
+
+def no_progress(description: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+# ---------------------------------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    """What `score` will compute, decided before any data is loaded."""
+
+    detectors: dict[str, Detector]
+    block_names: tuple[str, ...]
+    eval_keys: frozenset[str]  # cached outputs read on the test / OOD sets
+    fit_keys: frozenset[str]  # ... on the train split, by detectors that fit statistics
+    select_keys: frozenset[str]  # ... on the validation split, by detectors that select
+    shared: tuple[str, ...]  # detectors scored through the shared gradient forward
+    grad_taps: tuple[str, ...]  # blocks that forward must return for them
+    temperature: float = 1.0
+    calibrated: bool = False
+    ood_validation: str | None = None
+
+    @property
+    def fitting(self) -> list[str]:
+        return [n for n, d in self.detectors.items() if d.requires_fit]
+
+    @property
+    def selecting(self) -> list[str]:
+        """Detectors whose `select` reads validation data: a selection mode other than "none",
+        or a detector that standardises on validation data even then (the ensemble)."""
+        return [n for n, d in self.detectors.items() if d.selection_modes and (
+            d.selection_mode != "none" or getattr(d, "validates_in_none_mode", False))]
+
+    @property
+    def wants_ood_validation(self) -> list[str]:
+        return [n for n, d in self.detectors.items() if d.selection_mode == "ood"]
+
+
+def build_detectors(names: list[str], params: dict[str, dict[str, Any]] | None = None,
+                    selection: str | None = None) -> dict[str, Detector]:
+    """Detectors by name with the user's hyperparameters (typed and checked at creation);
+    `selection` applies to every detector that has a selection step."""
+    params = params or {}
+    unknown = set(params) - set(names)
+    if unknown:
+        raise OodbenchError(f"hyperparameters given for detector(s) not scored: {sorted(unknown)}",
+                            "add them with --detector, or fix the name before the dot")
+    dets = {}
+    for n in dict.fromkeys(names):
+        hp = dict(params.get(n, {}))
+        cls = DETECTORS.get(n)
+        if selection is not None and cls.selection_modes and "selection" not in hp:
+            hp["selection"] = selection
+        dets[n] = cls(**hp)
+    if selection is not None and not any(d.selection_modes for d in dets.values()):
+        raise OodbenchError(f"--selection {selection} given, but none of {names} selects anything",
+                            "selection applies to odin, mahalanobis and mahalanobis-ensemble")
+    return dets
+
+
+def plan(detectors: dict[str, Detector], block_names: tuple[str, ...],
+         temperature: float = 1.0, calibrated: bool = False,
+         ood_validation: str | None = None) -> Plan:
+    """The outputs every set needs. The test set always needs the base outputs (logits for the
+    classification metrics); block summaries only where a detector reads them."""
+    def keys(names: list[str]) -> frozenset[str]:
+        return frozenset().union(*(detectors[n].required_outputs(block_names) for n in names))
+
+    shared = tuple(n for n, d in detectors.items() if d.uses_shared_forward)
+    free = [n for n in detectors if n not in shared]
+    taps = tuple(dict.fromkeys(t for n in shared for t in detectors[n].grad_taps(block_names)))
+    p = Plan(detectors, block_names, keys(free) | set(BASE_OUTPUTS), frozenset(),
+             frozenset(), shared, taps, temperature, calibrated, ood_validation)
+    p.fit_keys = keys(p.fitting)
+    p.select_keys = keys(p.selecting)
+    _check_ood_validation(p)
+    return p
+
+
+def _check_ood_validation(p: Plan) -> None:
+    if p.wants_ood_validation and not p.ood_validation:
+        raise OodbenchError(f"{p.wants_ood_validation} select on OOD validation data, but none "
+                            "was named", "pass --ood-validation DATASET, or use --selection "
+                            "fgsm / id")
+    if p.ood_validation and not p.wants_ood_validation:
+        raise OodbenchError("--ood-validation is used only with --selection ood",
+                            "add --selection ood (OOD data is never used unless asked)")
+
+
+# ------------------------------------------------------------------------------------ load sets
+@dataclass
+class EvalSet:
+    """One dataset on the device with the transform that feeds it to the model."""
+
+    data: ImageSet
+    transform: InputTransform
+    role: str  # "test", "ood", "train", "val" or "ood-validation"
+    group: str | None = None  # "near" / "far" for OOD test sets
+
+    @property
+    def name(self) -> str:
+        return self.data.name
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.role})" if self.role in ("train", "val", "test") else self.name
+
+
+@dataclass
+class SetBundle:
+    test: EvalSet
+    ood: list[EvalSet]
+    train: EvalSet | None = None
+    val: EvalSet | None = None
+    ood_val: EvalSet | None = None
+
+    @property
+    def evaluated(self) -> list[EvalSet]:
+        return [self.test, *self.ood]
+
+
+def load_sets(cfg: RunConfig, p: Plan, ctx: DataContext, device: torch.device) -> SetBundle:
+    """Every set the plan needs, each moved to the device once; OOD test sets are all loaded
+    (and shape-checked) before any detector runs."""
+    tf = InputTransform.for_model(in_distribution_info(cfg))
+
+    def split(name: str) -> EvalSet:
+        return EvalSet(load_in_distribution(cfg, name, ctx).to(device), tf, name)
+
+    ood = []
+    for o in cfg.benchmark.ood:
+        data, otf = load_ood(cfg, o, ctx)
+        ood.append(EvalSet(data.to(device), otf, "ood", o.group))
+    bundle = SetBundle(split("test"), ood)
+    bundle.train = split("train") if p.fitting else None
+    bundle.val = split("val") if p.selecting else None
+    if p.ood_validation:
+        bundle.ood_val = load_ood_validation(cfg, p.ood_validation, ctx, device)
+        check_disjoint(bundle.ood_val, bundle.evaluated)
+    return bundle
+
+
+def load_ood_validation(cfg: RunConfig, dataset: str, ctx: DataContext,
+                        device: torch.device) -> EvalSet:
+    """The OOD validation set: a split of `dataset` that no OOD test entry uses ("val", else
+    "train", else the one split no test entry reads). It is adapted (resized, channels
+    replicated) only when the benchmark's own entry for that dataset says `adapt: true`."""
+    source = get_dataset(dataset)
+    entries = [o for o in cfg.benchmark.ood if o.dataset == dataset]
+    used = {o.split for o in entries}
+    free = [s for s in ("val", "train", "test", *source.splits)
+            if s in source.splits and s not in used]
+    if not free:
+        raise OodbenchError(
+            f"every split of {dataset!r} ({', '.join(source.splits)}) is an OOD test set of this "
+            "benchmark, so it cannot also validate", "name another dataset with --ood-validation")
+    o = OODSet(dataset=dataset, name=f"{dataset}-validation", split=free[0],
+               adapt=any(e.adapt for e in entries))
+    data, tf = load_ood(cfg, o, ctx)
+    return EvalSet(data.to(device), tf, "ood-validation")
+
+
+def _row_hashes(data: ImageSet) -> set[bytes]:
+    rows = data.images.reshape(len(data), -1).cpu().numpy()
+    return {hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows}
+
+
+def check_disjoint(val: EvalSet, tests: list[EvalSet]) -> None:
+    """Refuse OOD validation data that shares an image (by content) with any test set."""
+    mine = _row_hashes(val.data)
+    for t in tests:
+        shared = len(mine & _row_hashes(t.data))
+        if shared:
+            raise OodbenchError(
+                f"OOD validation set {val.name!r} shares {shared} image(s) with the test set "
+                f"{t.name!r} (compared by content)",
+                "validate on data disjoint from every test set: another dataset or split")
+
+
+# ------------------------------------------------------------------------------ the loaded model
+@dataclass
+class LoadedRun:
+    """A run's trained model on its device, its cache, and a count of the images the model
+    actually processed (a hook on the head, so every forward pass is seen, whoever runs it)."""
+
+    model: Any  # oodbench.models.Classifier
+    weights: str
+    code: str
+    device: torch.device
+    cache: Any  # oodbench.cache.OutputCache
+    batch_size: int
+    progress: ProgressFactory = no_progress
+    images_forwarded: int = 0
+    log: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        def count(module: Any, args: tuple[Any, ...]) -> None:
+            self.images_forwarded += int(args[0].shape[0])
+
+        self.model.head.register_forward_pre_hook(count)
+
+    def entry(self, es: EvalSet) -> CacheEntry:
+        return self.cache.entry(cache_key(self.weights, es.data, es.transform, self.code),
+                                len(es.data))
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def detector_input(lr: LoadedRun, es: EvalSet, out: Outputs | None, p: Plan) -> DetectorInput:
+    """What a detector may read about one set: cached outputs (when computed), and the model,
+    images and transform (for detectors that run the model themselves)."""
+    return DetectorInput(
+        es.name, None if out is None else out.logits, es.data.labels.cpu(),
+        None if out is None else out.features, {} if out is None else dict(out.blocks),
+        p.temperature, lr.model, es.data, es.transform, lr.device, block_names=p.block_names)
+
+
+# ------------------------------------------------------------------------------ forward passes
+@dataclass
+class SetResult:
+    """One test / OOD set after its forward pass."""
+
+    set: EvalSet
+    outputs: Outputs
+    forward_seconds: float  # wall time of this set's forward pass
+    timed_here: bool  # False: the time stored with the cache entry (no pass ran now)
+    computed: list[str]  # cache keys this pass wrote
+    shared_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    shared_seconds: dict[str, float] = field(default_factory=dict)
+    plain_seconds: float | None = None  # estimated plain (no-grad) forward time, when it differs
+
+    @property
+    def reference_seconds(self) -> float:
+        """The plain forward time of this set: the reference of every detector's cost."""
+        return self.forward_seconds if self.plain_seconds is None else self.plain_seconds
+
+
+def cached_outputs(lr: LoadedRun, es: EvalSet, keys: frozenset[str]) -> Outputs:
+    """Outputs of a set from the cache, running one no-grad pass for what is missing."""
+    entry = lr.entry(es)
+    missing = entry.missing(keys)
+    if missing:
+        writer = EntryWriter(entry, missing, es.data.labels, es.name)
+        seconds = forward_into(lr.model, es.data, es.transform, writer, lr.device,
+                               lr.batch_size, lr.progress(f"forward {es.label}", len(es.data)))
+        writer.commit(seconds, str(lr.device))
+        lr.log.append(f"{es.label}: forward pass ({_describe(missing)})")
+    else:
+        lr.log.append(f"{es.label}: from the cache")
+    return entry.load(keys)
+
+
+def _describe(keys: list[str]) -> str:
+    blocks = [k for k in keys if k not in BASE_OUTPUTS]
+    base = "logits, features" if "logits" in keys else ""
+    return ", ".join(x for x in (base, f"{len(blocks)} block summaries" if blocks else "") if x)
+
+
+def forward_eval(lr: LoadedRun, p: Plan, es: EvalSet) -> SetResult:
+    """One pass over a test / OOD set: fills the cache keys it lacks and, when the plan has
+    gradient detectors, scores them from the same (gradient-recording) forward."""
+    entry = lr.entry(es)
+    missing = entry.missing(p.eval_keys)
+    writer = EntryWriter(entry, missing, es.data.labels, es.name) if missing else None
+    result = SetResult(es, None, 0.0, True, missing)  # type: ignore[arg-type]
+    try:
+        if p.shared:
+            shared_pass(lr, p, es, writer, result)
+        elif writer is not None:
+            result.forward_seconds = forward_into(
+                lr.model, es.data, es.transform, writer, lr.device, lr.batch_size,
+                lr.progress(f"forward {es.label}", len(es.data)))
+        else:
+            result.timed_here = False
+            result.forward_seconds = float(entry.meta().get("forward_seconds", 0.0))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.commit(result.forward_seconds, str(lr.device))
+    what = [_describe(missing)] if missing else []
+    what += [f"shared with {', '.join(p.shared)}"] if p.shared else []
+    lr.log.append(f"{es.label}: " + (f"forward pass ({'; '.join(what)})" if what
+                                    else "from the cache"))
+    result.outputs = entry.load(p.eval_keys)
+    return result
+
+
+PROBE_EVERY = 8  # one batch in this many is also run plainly (no gradient), to time the plain pass
+
+
+def shared_pass(lr: LoadedRun, p: Plan, es: EvalSet, writer: EntryWriter | None,
+                result: SetResult) -> None:
+    """Batch by batch: one forward with the input gradient recorded (parameters frozen), its
+    outputs into the cache, then each gradient detector's own steps from that forward. Forward
+    and detector times are taken batch by batch, interleaved, so a busy machine slows both; on
+    one batch in `PROBE_EVERY` the same inputs also go through a plain no-grad forward, which
+    turns the recorded forward's time into the plain forward's (the reference of every cost)."""
+    dets = {n: p.detectors[n] for n in p.shared}
+    taps = tuple(dict.fromkeys([*(writer.taps if writer else ()), *p.grad_taps]))
+    inp = detector_input(lr, es, None, p)
+    n, bs = len(es.data), lr.batch_size
+    result.shared_scores = {name: np.empty(n) for name in dets}
+    result.shared_seconds = dict.fromkeys(dets, 0.0)
+    probe = {"recorded": 0.0, "plain": 0.0}
+    advance = lr.progress(f"forward + {', '.join(dets)} {es.name}", n)
+    with frozen(lr.model):
+        for i, start in enumerate(range(0, n, bs)):
+            x, out, seconds = _recorded_forward(lr, es, start, taps, writer)
+            result.forward_seconds += seconds
+            if n <= PROBE_EVERY * bs or i % PROBE_EVERY == 1:  # small sets: every batch
+                probe["recorded"] += seconds
+                probe["plain"] += _plain_forward_seconds(lr, x)
+            for name, det in dets.items():
+                tic = time.perf_counter()
+                s = np.asarray(det.score_batch(x, out, inp), dtype=np.float64)
+                lr.sync()
+                result.shared_seconds[name] += time.perf_counter() - tic
+                result.shared_scores[name][start:start + len(x)] = s
+            advance(len(x))
+    result.plain_seconds = result.forward_seconds * probe["plain"] / max(probe["recorded"], 1e-12)
+
+
+def _recorded_forward(lr: LoadedRun, es: EvalSet, start: int, taps: tuple[str, ...],
+                      writer: EntryWriter | None) -> tuple[torch.Tensor, Any, float]:
+    tic = time.perf_counter()
+    x = es.transform(es.data.images[start:start + lr.batch_size]).requires_grad_(True)
+    with torch.enable_grad():
+        out = lr.model.forward_all(x, taps=taps)
+    if writer is not None:
+        writer.write(start, out)
+    lr.sync()
+    return x, out, time.perf_counter() - tic
+
+
+@torch.no_grad()
+def _plain_forward_seconds(lr: LoadedRun, x: torch.Tensor) -> float:
+    tic = time.perf_counter()
+    lr.model(x.detach())
+    lr.sync()
+    return time.perf_counter() - tic
+
+
+# ------------------------------------------------------------------------------- fit and select
+@dataclass
+class Setup:
+    """Seconds each detector spent fitting / selecting (reported apart from inference cost)."""
+
+    seconds: dict[str, dict[str, float]]
+
+
+def fit_select(lr: LoadedRun, p: Plan, sets: SetBundle) -> Setup:
+    """Fit on in-distribution TRAIN data, then select on the validation split (and the OOD
+    validation set only for detectors in "ood" mode). No test set has been touched yet."""
+    seconds: dict[str, dict[str, float]] = {n: {} for n in p.detectors}
+    if p.fitting:
+        assert sets.train is not None
+        train = detector_input(lr, sets.train, cached_outputs(lr, sets.train, p.fit_keys), p)
+        for n in p.fitting:
+            tic = time.perf_counter()
+            p.detectors[n].fit(train)
+            seconds[n]["fit"] = time.perf_counter() - tic
+    if p.selecting:
+        assert sets.val is not None
+        val = detector_input(lr, sets.val, cached_outputs(lr, sets.val, p.select_keys), p)
+        ood_val = None
+        if sets.ood_val is not None:
+            ood_val = detector_input(lr, sets.ood_val,
+                                     cached_outputs(lr, sets.ood_val, p.select_keys), p)
+        for n in p.selecting:
+            tic = time.perf_counter()
+            p.detectors[n].select(val, ood_val if n in p.wants_ood_validation else None)
+            seconds[n]["select"] = time.perf_counter() - tic
+    return Setup(seconds)
+
+
+# -------------------------------------------------------------------------------------- score
+@dataclass
+class DetectorScores:
+    per_set: dict[str, np.ndarray]
+    seconds: float  # the detector's own time over the test + OOD sets
+    cost: float  # inference time per sample / the plain forward time per sample (same run)
+    cost_basis: str
+
+    def nonfinite(self) -> dict[str, int]:
+        bad = {s: int((~np.isfinite(v)).sum()) for s, v in self.per_set.items()}
+        return {s: n for s, n in bad.items() if n}
+
+
+def score_sets(lr: LoadedRun, p: Plan, results: list[SetResult]) -> dict[str, DetectorScores]:
+    """Every detector on every evaluated set. Cost, in plain forward passes over the same
+    samples: a gradient-free detector adds its own time to the plain pass ((plain + own) /
+    plain); a gradient detector pays the gradient-recording forward, which is its clean
+    forward, plus its own steps ((recorded + own) / plain)."""
+    plain = sum(r.reference_seconds for r in results)
+    recorded = sum(r.forward_seconds for r in results)
+    basis = ("plain forward pass timed in this run, batch by batch beside the detector"
+             if all(r.timed_here for r in results) else
+             "forward time stored with the cache entries (no forward pass ran now)")
+    out = {}
+    for name, det in p.detectors.items():
+        per_set, own = {}, 0.0
+        for r in results:
+            if name in p.shared:
+                per_set[r.set.name] = r.shared_scores[name]
+                own += r.shared_seconds[name]
+                continue
+            tic = time.perf_counter()
+            per_set[r.set.name] = det(detector_input(lr, r.set, r.outputs, p))
+            own += time.perf_counter() - tic
+        total = (recorded + own) if name in p.shared else (plain + own)
+        out[name] = DetectorScores(per_set, own, total / max(plain, 1e-12), basis)
+    return out
+
+
+# ----------------------------------------------------------------------------------- assemble
+def detector_record(det: Detector, s: DetectorScores, test: str, p: Plan,
+                    setup: dict[str, float]) -> dict[str, Any]:
+    """One detector's entry in metrics.json. No metric is computed from non-finite scores: a
+    set with any is left out (and the in-dist test set's block every set)."""
+    from oodbench.metrics import ood_metrics
+
+    bad = s.nonfinite()
+    in_scores = s.per_set[test]
+    ood = {} if test in bad else {o: ood_metrics(in_scores, v) for o, v in s.per_set.items()
+                                  if o != test and o not in bad}
+    record = {"ood": ood, "cost": s.cost, "cost_basis": s.cost_basis,
+              "temperature": p.temperature, "calibrated": p.calibrated,
+              **det.describe(), "setup_seconds": setup}
+    if bad:
+        record["nonfinite"] = bad
+    return record
+
+
+def assemble(cfg: RunConfig, lr: LoadedRun, p: Plan, sets: SetBundle,
+             results: list[SetResult], scores: dict[str, DetectorScores], setup: Setup,
+             calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """The metrics record of one run (what metrics.json holds and `report` reads)."""
+    from oodbench.metrics import classification_metrics
+
+    bench, test = cfg.benchmark, sets.test
+    logits, labels = results[0].outputs.logits, results[0].outputs.labels
+    classification = {"uncalibrated": classification_metrics(logits, labels)}
+    if calibration is not None:
+        classification["calibrated"] = classification_metrics(
+            logits, labels, float(calibration["temperature"]))
+    return {
+        "schema": "oodbench.metrics/1", "benchmark": bench.name,
+        "in_distribution": bench.dataset, "model": bench.model, "loss": cfg.loss,
+        "seed": cfg.seed, "ood_sets": {o.name: o.group for o in bench.ood},
+        "n": {r.set.name: len(r.set.data) for r in results},
+        "classification": classification, "calibration": calibration,
+        "detectors": {n: detector_record(d, scores[n], test.name, p, setup.seconds[n])
+                      for n, d in p.detectors.items()},
+        "forward": {r.set.name: {"seconds": r.forward_seconds, "timed_here": r.timed_here,
+                                 "computed": r.computed} for r in results},
+        "batch_size": lr.batch_size, "weights": lr.weights, "code": lr.code,
+        "test_set": test.name,
+        "cache_keys": {r.set.name: cache_key(lr.weights, r.set.data, r.set.transform, lr.code)
+                       for r in results},
+    }
+
+
+# --------------------------------------------------------------------------------- batch size
+BATCH_CANDIDATES = {"cpu": (32, 64, 128, 256, 512), "cuda": (256, 512, 1024, 2048)}
+
+
+@torch.no_grad()
+def measure_batch_size(model: Any, images: torch.Tensor, transform: InputTransform,
+                       device: torch.device) -> tuple[int, dict[int, float]]:
+    """The inference batch size with the highest measured throughput on this device (images/s
+    of a no-grad forward at each candidate, after one warm-up batch). Small batches often win
+    on a CPU (they stay in cache), large ones on a GPU."""
+    candidates = BATCH_CANDIDATES.get(device.type, (64, 128, 256))
+    rates: dict[int, float] = {}
+    model.eval()
+    model(transform(images[:candidates[0]].to(device)))
+    for b in candidates:
+        if b > len(images) and rates:
+            break
+        x = transform(images[:b].to(device))
+        tic = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates[b] = len(x) / max(time.perf_counter() - tic, 1e-9)
+    return max(rates, key=lambda b: rates[b]), rates

@@ -1,0 +1,159 @@
+"""The commands' work as library functions: resume-or-create a training run, pick the runs a
+command acts on, and the whole-benchmark loop of `oodbench run`. The CLI parses options, calls
+one of these and prints; a user's own script calls the same functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodbench.config import BenchmarkConfig, RunConfig, load_benchmark
+from oodbench.data import DataContext
+from oodbench.data.availability import require_benchmark_data
+from oodbench.errors import OodbenchError
+from oodbench.pipeline import calibrate_run, score_run
+from oodbench.runs import Run, default_run_dir
+from oodbench.scoring import ProgressFactory, no_progress
+from oodbench.train import StepReporter, make_criterion, train
+
+Say = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+@dataclass
+class TrainRequest:
+    """What `oodbench train` was asked; None = the benchmark's (or the built-in) default."""
+
+    benchmark: str | None = None
+    loss: str | None = None
+    seed: int | None = None
+    epochs: int | None = None
+    run_dir: Path | None = None
+    loss_options: dict[str, Any] = field(default_factory=dict)
+    runs_root: Path = Path("runs")
+
+    @property
+    def explicit(self) -> bool:
+        return (self.benchmark, self.loss, self.seed, self.epochs) != (None,) * 4 or bool(
+            self.loss_options)
+
+
+def run_config(bench: BenchmarkConfig, loss: str, seed: int, epochs: int | None = None,
+               loss_options: dict[str, Any] | None = None) -> RunConfig:
+    """A run's resolved config, checked (loss and its options) before anything is written."""
+    from oodbench.losses import LOSSES
+    from oodbench.models import check_block_activation
+
+    check_block_activation(bench.model, LOSSES.get(loss).block_activation, loss)
+    if epochs is not None:
+        bench.train.epochs = epochs
+        bench.train.validate()
+    cfg = RunConfig(bench, loss, seed, {**bench.loss_options.get(loss, {}), **(loss_options or {})})
+    make_criterion(cfg)  # bad loss options fail here, before the run folder exists
+    return cfg
+
+
+def prepare_run(req: TrainRequest, ctx: DataContext) -> Run:
+    """The run folder `train` works in: the existing one (resume), or a new one whose config
+    is written only after the config and the benchmark's data were checked."""
+    if req.run_dir is not None and (req.run_dir / "config.yaml").exists() and not req.explicit:
+        run = Run.open(req.run_dir)
+        make_criterion(run.config())
+        return run
+    bench = load_benchmark(req.benchmark or "digits")
+    cfg = run_config(bench, req.loss or "dismax", 0 if req.seed is None else req.seed,
+                     req.epochs, req.loss_options)
+    require_benchmark_data(bench, ctx)
+    return Run.create(req.run_dir or default_run_dir(cfg, req.runs_root), cfg)
+
+
+def train_run(run: Run, ctx: DataContext, device: torch.device,
+              reporter: StepReporter | None = None,
+              mixed_precision: bool | None = None) -> list[dict[str, Any]]:
+    """Train (or resume) a prepared run; a finished run returns its stored history."""
+    if run.is_trained():
+        return list(run.require_checkpoint().get("history", []))
+    return train(run, ctx, device, reporter, mixed_precision=mixed_precision)
+
+
+def find_runs(runs_root: Path = Path("runs"), benchmark: str | None = None,
+              loss: str | None = None, seed: int | None = None) -> list[Run]:
+    """The run folders under `runs_root` (those holding a config.yaml), narrowed by benchmark
+    name, loss and seed; an error naming the command that makes one when none matches."""
+    root = Path(runs_root)
+    found = [Run(p.parent) for p in sorted(root.rglob("config.yaml"))] if root.is_dir() else []
+    chosen = []
+    for run in found:
+        cfg = run.config()
+        if ((benchmark is None or cfg.benchmark.name == benchmark)
+                and (loss is None or cfg.loss == loss) and (seed is None or cfg.seed == seed)):
+            chosen.append(run)
+    if not chosen:
+        narrowed = ", ".join(f"{k} {v}" for k, v in (("benchmark", benchmark), ("loss", loss),
+                                                     ("seed", seed)) if v is not None)
+        raise OodbenchError(
+            f"no run under {root}/" + (f" matches {narrowed}" if narrowed else ""),
+            "train one first: `oodbench train --loss dismax` (or pass a run folder, or "
+            "--runs-root)")
+    return chosen
+
+
+@dataclass
+class BenchmarkRequest:
+    """What `oodbench run` was asked."""
+
+    benchmark: str = "digits"
+    losses: list[str] | None = None
+    seeds: int | None = None
+    epochs: int | None = None
+    runs_root: Path = Path("runs")
+
+
+def benchmark_runs(req: BenchmarkRequest, ctx: DataContext) -> list[Run]:
+    """Every (loss × seed) run of the benchmark, prepared (folders created only after every
+    config and the data were checked, so a bad option leaves no half-made folder)."""
+    bench = load_benchmark(req.benchmark)
+    losses = req.losses or bench.losses
+    seeds = bench.seeds[:req.seeds] if req.seeds else bench.seeds
+    configs = [run_config(load_benchmark(req.benchmark), loss, seed, req.epochs)
+               for loss in losses for seed in seeds]
+    require_benchmark_data(bench, ctx)
+    return [Run.create(default_run_dir(cfg, req.runs_root), cfg) for cfg in configs]
+
+
+def run_benchmark(req: BenchmarkRequest, ctx: DataContext, device: torch.device,
+                  reporter: Callable[[str], StepReporter] | None = None,
+                  progress: ProgressFactory = no_progress, say: Say = _quiet) -> Path:
+    """Train, calibrate and score every (loss × seed) run; finished steps are skipped, so an
+    interrupted `run` continues where it stopped. Returns the benchmark's runs folder."""
+    runs = benchmark_runs(req, ctx)
+    for run in runs:
+        cfg = run.config()
+        label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"
+        if not run.is_trained():
+            say(f"training {label} · {cfg.benchmark.train.epochs} epochs → {run.path}")
+        train_run(run, ctx, device, reporter(label) if reporter else None)
+        cal = calibrate_run(run, ctx, device, "nll", progress)
+        say(f"calibrated {label}: T = {cal['temperature']:.3f}")
+        for warning in calibration_warnings(cal):
+            say(f"[yellow]warning: {warning}")
+        score_run(run, ctx, device, None, False, progress)
+    return runs[0].path.parent
+
+
+def calibration_warnings(res: dict[str, Any]) -> list[str]:
+    out = [res["warning"]] if res.get("warning") else []
+    if res.get("at_bound"):
+        out.append(f"the temperature stopped at the {res.get('bound', '')} search bound "
+                   f"{res.get('bounds', '')}; the validation split may be too small (a "
+                   "perfectly classified one drives T to its lower bound) or the model "
+                   "degenerate: treat calibrated numbers with care")
+    return out
