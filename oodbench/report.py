@@ -256,11 +256,13 @@ def _label(settings: dict[str, Any]) -> str:
     items = []
     for k, v in settings.items():
         if k == "calibrated":
-            items.append("calibrated T" if v else "T=1")
+            items.append("calibrated" if v else "uncalibrated")
             continue
         name = k.removeprefix("config.").removeprefix("benchmark.").removeprefix("given.")
-        text = ("default" if k.startswith("given.") else "absent") if v is _ABSENT \
-            else json.dumps(v, default=str)
+        if v is _ABSENT:
+            text = "default" if k.startswith("given.") else "absent"
+        else:
+            text = v if isinstance(v, str) else json.dumps(v, default=str)
         items.append(f"{name}={text if len(text) <= 40 else text[:37] + '...'}")
     more = len(items) - LABEL_ITEMS
     return ", ".join(items[:LABEL_ITEMS]) + (f", +{more} more" if more > 0 else "")
@@ -275,7 +277,10 @@ def split_variants(runs: list[LoadedMetrics], setup_of: Callable[[LoadedMetrics]
     parts: dict[str, list[int]] = {}
     for i, s in enumerate(setups):
         parts.setdefault(digest(s), []).append(i)
-    keys = sorted({k for s in setups for k in s})
+    # label order: run config, then the detector's hyperparameters, selection, calibration
+    rank = ("config", "given.", "selection", "calibrated")
+    keys = sorted({k for s in setups for k in s},
+                  key=lambda k: (next(i for i, p in enumerate(rank) if k.startswith(p)), k))
     differ = [k for k in keys if len({json.dumps(s.get(k, "\0absent"), sort_keys=True,
                                                  default=str) for s in setups}) > 1]
     out = []
