@@ -289,7 +289,11 @@ def split_variants(runs: list[LoadedMetrics], setup_of: Callable[[LoadedMetrics]
         if len(parts) == 1:
             return [Variant(vruns)]
         settings = {k: setups[idx[0]].get(k, _ABSENT) for k in differ}
-        out.append(Variant(vruns, _label(settings),
+        label = _label(settings)
+        # labels shortened ("+N more", long values cut) may coincide: number the twins
+        twins = sum(v.label == label or str(v.label).startswith(f"{label} (variant ")
+                    for v in out)
+        out.append(Variant(vruns, f"{label} (variant {twins + 1})" if twins else label,
                            {k: None if v is _ABSENT else v for k, v in settings.items()}))
     return sorted(out, key=lambda v: v.label or "")
 

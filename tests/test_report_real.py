@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,8 @@ def cli_report(path: Path, cwd: Path) -> subprocess.CompletedProcess:
     (lambda text: text[: len(text) // 2], "cannot read"),  # truncated mid-write
     (lambda text: json.dumps([json.loads(text)]), "is not an oodbench metrics file"),
 ])
-def test_corrupt_metrics_file_exits_2_and_names_the_fix(tmp_path: Path, content, says: str):
+def test_corrupt_metrics_file_exits_2_and_names_the_fix(tmp_path: Path,
+                                                        content: Callable[[str], str], says: str):
     run = write_run(tmp_path / "runs", "softmax", 0, 1.0)
     path = run / "metrics.json"
     path.write_text(content(path.read_text()))

@@ -4,6 +4,7 @@ values are read from the metrics files and averaged with numpy, never by the rep
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,10 @@ def runs(tmp_path: Path) -> Path:
     return root
 
 
-def edit(run: Path, change) -> None:
+Change = Callable[[dict[str, Any]], Any]
+
+
+def edit(run: Path, change: Change) -> None:
     """Rewrite a run's metrics.json through `change(metrics)`."""
     path = run / "metrics.json"
     m = json.loads(path.read_text())
@@ -49,7 +53,7 @@ def rows_of(doc: dict[str, Any], loss: str) -> dict[str, dict[str, Any]]:
     return {r["detector"]: r for r in doc["groups"][0]["rows"] if r["loss"] == loss}
 
 
-def with_config(epochs: int, seeds: list[int]):
+def with_config(epochs: int, seeds: list[int]) -> Change:
     """A change setting provenance.config as `score` writes it (seed inside)."""
     def change(m: dict[str, Any]) -> None:
         m["provenance"]["config"] = {"seed": m["seed"], "loss": m["loss"], "loss_options": {},
@@ -114,7 +118,7 @@ def test_one_setup_is_one_row_with_a_null_variant(runs: Path):
 
 
 def detector_entry(given: dict[str, Any], selected: float, temperature: float,
-                   calibrated: bool | None = None):
+                   calibrated: bool | None = None) -> Change:
     """A change giving `msp` the new per-detector fields (`calibrated` None: left out) and
     dropping `mmles` (the same seed with the same mmles setup in two folders is an error)."""
     def change(m: dict[str, Any]) -> None:
@@ -182,3 +186,20 @@ def test_a_model_scored_twice_differently_counts_once_for_classification(runs: P
     assert acc["n"] == 2 and acc["values"] == pytest.approx(want)
     edit(copy, lambda m: m.update(weights="cd" * 32))  # other weights, same seed: an error
     assert invoke(runs, "--no-write").exit_code == 2
+
+
+def test_shortened_labels_that_coincide_are_numbered(tmp_path: Path):
+    """Five differing keys: the label names four and "+1 more", so two setups that differ only
+    in the fifth would read alike; they must not (render and compare key rows by label)."""
+    from oodbench.report import LoadedMetrics, split_variants
+
+    setups = [dict.fromkeys("abcde", 0), {**dict.fromkeys("abcd", 1), "e": 0},
+              dict.fromkeys("abcde", 1)]
+    runs = [LoadedMetrics(tmp_path / f"{i}.json", {"seed": 0, "setup": s})
+            for i, s in enumerate(setups)]
+    parts = split_variants(runs, lambda r: {f"config.{k}": v for k, v in r.data["setup"].items()},
+                           "test")
+    labels = [v.label for v in parts]
+    assert labels == ["a=0, b=0, c=0, d=0, +1 more", "a=1, b=1, c=1, d=1, +1 more",
+                      "a=1, b=1, c=1, d=1, +1 more (variant 2)"]
+    assert parts[2].settings == {f"config.{k}": 1 for k in "abcde"}
