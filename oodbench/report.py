@@ -7,13 +7,23 @@ values. A mean column averages the OOD sets within each seed first, then over se
 are fractions in [0, 1]; cost is in plain forward passes. Rendering (tables, Markdown, CSV) is in
 `oodbench.render`, gates in `oodbench.gate`, plots in `oodbench.plots`.
 
+Only seeds of one experiment are averaged. Within a row (and a classification line), runs are
+split into variants by their setup: the resolved run config apart from the seed (`provenance.
+config`), the detector's user-given hyperparameters, its selection mode and whether it used a
+calibrated temperature. What a seed fitted or selected (chosen hyperparameters, the temperature's
+value) is a result, not a setup, and never splits. A row with more than one variant carries a
+label naming the settings that differ (`odin [T=100]`, `msp [train.epochs=2]`); two runs of the
+same seed and setup are an error, never two seeds.
+
 The reader is tolerant: keys it does not know are ignored, so other steps may add to
 metrics.json freely; only the keys it needs are required.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +39,7 @@ from oodbench.metrics import (
     bootstrap_auroc,
     percentile_interval,
 )
-from oodbench.provenance import report_manifest
+from oodbench.provenance import digest, report_manifest
 
 SCHEMA = "oodbench.report/2"
 COMPARISON_SCHEMA = "oodbench.comparison/1"
@@ -42,6 +52,11 @@ CONVENTIONS = {"positive_class": "in-distribution", "higher_score": "more in-dis
 REQUIRED = ("benchmark", "in_distribution", "model", "loss", "seed", "ood_sets",
             "classification", "detectors")
 MEAN_COLUMNS = ("near", "far", "all")
+# Config keys (dotted, below `provenance.config`) that choose what to run, not how one run is
+# made: the seed itself, the benchmark's seed / loss / detector lists and its summary text.
+NOT_SETUP = ("seed", "benchmark.seeds", "benchmark.losses", "benchmark.detectors",
+             "benchmark.summary")
+LABEL_ITEMS = 4  # a variant label names at most this many differing settings, then "+N more"
 
 
 @dataclass
@@ -90,15 +105,23 @@ class LoadedMetrics:
 
 
 def find_metrics(paths: list[Path]) -> list[Path]:
+    """Every metrics file under `paths`, each once: overlapping paths (`runs runs/x`), symlinks
+    and `runs/./x` name the same file, and counting it twice would fake a seed."""
     found: list[Path] = []
+    seen: set[Path] = set()
     for p in paths:
         p = Path(p)
         if p.is_file() and p.name.endswith(".json"):
-            found.append(p)
+            candidates = [p]
         elif p.is_dir():
-            found.extend(sorted(p.rglob("metrics.json")))
+            candidates = sorted(p.rglob("metrics.json"))
         else:
             raise OodbenchError(f"{p} does not exist", "give a run folder or a folder of runs")
+        for f in candidates:
+            real = f.resolve()
+            if real not in seen:
+                seen.add(real)
+                found.append(f)
     if not found:
         raise OodbenchError(f"no metrics.json under {', '.join(map(str, paths))}",
                             "score the runs first: `oodbench score RUN`")
@@ -111,10 +134,13 @@ def load_metrics(files: list[Path]) -> list[LoadedMetrics]:
         try:
             m = read_json(f)
         except (OSError, ValueError) as e:
-            raise OodbenchError(f"cannot read {f}: {e}", "score the run again") from None
+            raise OodbenchError(f"cannot read {f}: {e}",
+                                f"score the run again (`oodbench score {Path(f).parent}`) to "
+                                "rewrite it, or delete it") from None
         if not isinstance(m, dict) or not str(m.get("schema", "")).startswith("oodbench.metrics/"):
             raise OodbenchError(f"{f} is not an oodbench metrics file",
-                                "point `report` at run folders made by `oodbench score`")
+                                "point `report` at run folders made by `oodbench score`, or "
+                                f"score the run again (`oodbench score {Path(f).parent}`)")
         missing = [k for k in REQUIRED if k not in m]
         if missing:
             raise OodbenchError(f"{f} lacks {missing}", "score the run again with this version")
@@ -169,6 +195,126 @@ def build_report(runs: list[LoadedMetrics], filters: Filters | None = None,
     return Report(groups, filters, report_manifest([(r.path, r.data) for r in runs]), boot)
 
 
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys, so two setups can say which key differs."""
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def config_setup(m: dict[str, Any]) -> dict[str, Any]:
+    """What made the run apart from its seed: `provenance.config` flattened ("config.benchmark.
+    train.epochs"), without NOT_SETUP. Files scored before provenance existed give
+    {"config": None}: equal to each other, so old seeds still average together."""
+    cfg = (m.get("provenance") or {}).get("config")
+    if not isinstance(cfg, dict):
+        return {"config": None}
+    return {f"config.{k}": v for k, v in _flatten(cfg).items() if k not in NOT_SETUP}
+
+
+def detector_setup(d: dict[str, Any]) -> dict[str, Any]:
+    """The detector's setup in one run: the user-given hyperparameters, the selection mode and
+    whether a calibrated temperature was used; not what selection chose nor the temperature's
+    value (per-seed results). Older files lack `given` / `calibrated`: the effective
+    hyperparameters less the selected ones, and temperature != 1, stand in."""
+    selection = d.get("selection") if isinstance(d.get("selection"), dict) else {}
+    given = d.get("given")
+    if not isinstance(given, dict):
+        chosen = d.get("selected") or selection.get("chosen") or {}
+        given = {k: v for k, v in (d.get("hparams") or {}).items() if k not in chosen}
+    calibrated = d.get("calibrated")
+    if not isinstance(calibrated, bool):
+        calibrated = float(d.get("temperature", 1.0)) != 1.0
+    flat = {f"given.{k}": v for k, v in _flatten(given).items() if k and k != "selection"}
+    mode = selection.get("mode", given.get("selection", "none"))
+    return {**flat, "selection": str(mode), "calibrated": calibrated}
+
+
+@dataclass
+class Variant:
+    """Runs that are seeds of one setup; `label` / `settings` name what sets it apart from the
+    other variants of its row (None when the row has one variant)."""
+
+    runs: list[LoadedMetrics]
+    label: str | None = None
+    settings: dict[str, Any] | None = None
+
+    def suffix(self, name: str) -> str:
+        return f"{name} [{self.label}]" if self.label else name
+
+    def to_dict(self) -> dict[str, Any] | None:
+        return {"label": self.label, "settings": self.settings} if self.label else None
+
+
+_ABSENT = object()
+
+
+def _label(settings: dict[str, Any]) -> str:
+    items = []
+    for k, v in settings.items():
+        if k == "calibrated":
+            items.append("calibrated" if v else "uncalibrated")
+            continue
+        name = k.removeprefix("config.").removeprefix("benchmark.").removeprefix("given.")
+        if v is _ABSENT:
+            text = "default" if k.startswith("given.") else "absent"
+        else:
+            text = v if isinstance(v, str) else json.dumps(v, default=str)
+        items.append(f"{name}={text if len(text) <= 40 else text[:37] + '...'}")
+    more = len(items) - LABEL_ITEMS
+    return ", ".join(items[:LABEL_ITEMS]) + (f", +{more} more" if more > 0 else "")
+
+
+def split_variants(runs: list[LoadedMetrics], setup_of: Callable[[LoadedMetrics], dict[str, Any]],
+                   what: str, same_model_ok: bool = False) -> list[Variant]:
+    """`runs` split by setup, each part checked to hold each seed once. `same_model_ok`: a
+    repeated seed with identical weights is one model scored twice and is counted once (for
+    classification, where the weights alone decide the numbers)."""
+    setups = [setup_of(r) for r in runs]
+    parts: dict[str, list[int]] = {}
+    for i, s in enumerate(setups):
+        parts.setdefault(digest(s), []).append(i)
+    # label order: run config, then the detector's hyperparameters, selection, calibration
+    rank = ("config", "given.", "selection", "calibrated")
+    keys = sorted({k for s in setups for k in s},
+                  key=lambda k: (next(i for i, p in enumerate(rank) if k.startswith(p)), k))
+    differ = [k for k in keys if len({json.dumps(s.get(k, "\0absent"), sort_keys=True,
+                                                 default=str) for s in setups}) > 1]
+    out = []
+    for idx in parts.values():
+        vruns = _one_per_seed([runs[i] for i in idx], what, same_model_ok)
+        if len(parts) == 1:
+            return [Variant(vruns)]
+        settings = {k: setups[idx[0]].get(k, _ABSENT) for k in differ}
+        label = _label(settings)
+        # labels shortened ("+N more", long values cut) may coincide: number the twins
+        twins = sum(v.label == label or str(v.label).startswith(f"{label} (variant ")
+                    for v in out)
+        out.append(Variant(vruns, f"{label} (variant {twins + 1})" if twins else label,
+                           {k: None if v is _ABSENT else v for k, v in settings.items()}))
+    return sorted(out, key=lambda v: v.label or "")
+
+
+def _one_per_seed(runs: list[LoadedMetrics], what: str, same_model_ok: bool
+                  ) -> list[LoadedMetrics]:
+    kept: dict[Any, LoadedMetrics] = {}
+    for r in runs:
+        seed = r.data["seed"]
+        first = kept.get(seed)
+        if first is None:
+            kept[seed] = r
+        elif not (same_model_ok and first.data.get("weights")
+                  and first.data.get("weights") == r.data.get("weights")):
+            raise OodbenchError(
+                f"{first.path} and {r.path} are both seed {seed} of {what} with the same setup; "
+                "averaging them would count one seed twice",
+                "remove one of them, or report them separately (one `oodbench report` each)")
+    return list(kept.values())
+
+
 def _group(key: tuple[str, str, str], runs: list[LoadedMetrics], filters: Filters,
            bootstrap: int, bootstrap_seed: int) -> dict[str, Any]:
     bench, ind, model = key
@@ -181,13 +327,20 @@ def _group(key: tuple[str, str, str], runs: list[LoadedMetrics], filters: Filter
         by_loss[r.data["loss"]].append(r)
     rows, classification = [], {}
     for loss, lruns in sorted(by_loss.items()):
-        classification[loss] = _classification(lruns)
+        for v in split_variants(lruns, lambda r: config_setup(r.data), f"loss {loss}",
+                                same_model_ok=True):
+            classification[v.suffix(loss)] = {**_classification(v.runs),
+                                              "variant": v.to_dict()}
         detectors = sorted({d for r in lruns for d in r.data["detectors"]
                             if _keep(d, filters.detectors)})
         for det in detectors:
             druns = [r for r in lruns if det in r.data["detectors"]]
-            rows.append(_row(loss, det, druns, order, ood_sets, filters, bootstrap,
-                             bootstrap_seed))
+            for v in split_variants(druns, lambda r, det=det: {
+                    **config_setup(r.data), **detector_setup(r.data["detectors"][det])},
+                    f"{loss} + {det}"):
+                row = _row(loss, det, v.runs, order, ood_sets, filters, bootstrap,
+                           bootstrap_seed)
+                rows.append({**row, "detector": v.suffix(det), "variant": v.to_dict()})
     rows = [r for r in rows if r["ood"] or r.get("nonfinite")]
     return {"benchmark": bench, "in_distribution": ind, "model": model,
             "ood_sets": {o: ood_sets[o] for o in order},
@@ -214,6 +367,7 @@ def _classification(runs: list[LoadedMetrics]) -> dict[str, Any]:
 def _row(loss: str, det: str, runs: list[LoadedMetrics], order: list[str],
          ood_sets: dict[str, str], filters: Filters, bootstrap: int,
          bootstrap_seed: int) -> dict[str, Any]:
+    """One row: `runs` are seeds of one setup (see `split_variants`)."""
     metrics = filters.ood_metrics
     per_run = [r.data["detectors"][det] for r in runs]
     cells: dict[str, dict[str, Any]] = {}
@@ -225,12 +379,7 @@ def _row(loss: str, det: str, runs: list[LoadedMetrics], order: list[str],
                 have = [r for r, d in zip(runs, per_run, strict=True) if ood in d.get("ood", {})]
                 cells[ood]["auroc"]["ci95"] = _auroc_interval(have, det, [ood], bootstrap,
                                                               bootstrap_seed)
-    # NaN/inf scores: counted per set (the in-dist test set's count blocks every set); such a
-    # set has no metric, and a mean that would have to leave it out is not reported.
-    nonfinite: dict[str, int] = defaultdict(int)
-    for r, d in zip(runs, per_run, strict=True):
-        for s, n in d.get("nonfinite", {}).items():
-            nonfinite[s if s in ood_sets else r.data.get("in_distribution", s)] += int(n)
+    nonfinite = _nonfinite(runs, per_run, ood_sets)
     means: dict[str, Any] = {}
     for col in MEAN_COLUMNS:
         sets = [o for o in order if col == "all" or ood_sets[o] == col]
@@ -252,8 +401,19 @@ def _row(loss: str, det: str, runs: list[LoadedMetrics], order: list[str],
     if costs:
         row["cost"] = _cell(costs)
     if nonfinite:
-        row["nonfinite"] = dict(nonfinite)
+        row["nonfinite"] = nonfinite
     return row
+
+
+def _nonfinite(runs: list[LoadedMetrics], per_run: list[dict[str, Any]],
+               ood_sets: dict[str, str]) -> dict[str, int]:
+    """NaN/inf scores counted per set (the in-dist test set's count blocks every set); such a
+    set has no metric, and a mean that would have to leave it out is not reported."""
+    counts: dict[str, int] = defaultdict(int)
+    for r, d in zip(runs, per_run, strict=True):
+        for s, n in d.get("nonfinite", {}).items():
+            counts[s if s in ood_sets else r.data.get("in_distribution", s)] += int(n)
+    return dict(counts)
 
 
 def load_scores(r: LoadedMetrics, det: str, dataset: str) -> np.ndarray:
