@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from oodbench.cache import OutputCache, cache_key, model_digest
+from oodbench.cache import OutputCache, cache_key, code_digest, model_digest
 from oodbench.data import DATASETS, DataContext, InputTransform
 from oodbench.data.embedded import DIGITS_INFO
 from oodbench.losses import LOSSES
@@ -19,7 +19,7 @@ def setup(tmp_path):
 
     def counting(x, taps=()):
         calls["n"] += 1
-        return original(x, taps)
+        return original(x, taps=taps)
 
     model.forward_all = counting
     return model, data, InputTransform.for_model(DIGITS_INFO), OutputCache(tmp_path / "c"), calls
@@ -28,11 +28,11 @@ def setup(tmp_path):
 def test_second_request_runs_no_forward_pass(setup):
     model, data, tf, cache, calls = setup
     w = model_digest(model)
-    first = cache.get(model, w, data, tf, batch_size=100)
+    first, computed = cache.get(model, w, data, tf, batch_size=100)
     n_first = calls["n"]
-    assert first.computed and n_first == 6  # 540 samples in batches of 100
-    second = cache.get(model, w, data, tf, batch_size=100)
-    assert not second.computed and calls["n"] == n_first
+    assert computed and n_first == 6  # 540 samples in batches of 100
+    second, computed = cache.get(model, w, data, tf, batch_size=100)
+    assert not computed and calls["n"] == n_first
     assert torch.equal(first.logits, second.logits)
     with torch.no_grad():
         direct = model(tf(data.images[:10]))
@@ -44,23 +44,65 @@ def test_blocks_are_added_in_one_pass_without_recomputing_logits(setup):
     model, data, tf, cache, calls = setup
     w = model_digest(model)
     cache.get(model, w, data, tf, batch_size=540)
-    out = cache.get(model, w, data, tf, blocks=("block1", "block3"), batch_size=540)
-    assert calls["n"] == 2 and out.computed
+    out, computed = cache.get(model, w, data, tf, keys=("block1.mean", "block3.mean"),
+                              batch_size=540)
+    assert calls["n"] == 2 and computed
     assert out.blocks["block3.mean"].shape == (540, 128)
-    cache.get(model, w, data, tf, blocks=("block3",), batch_size=540)
-    assert calls["n"] == 2
+    _, computed = cache.get(model, w, data, tf, keys=("block3.mean",), batch_size=540)
+    assert calls["n"] == 2 and not computed
+    with torch.no_grad():
+        direct = model.forward_all(tf(data.images[:5]), taps=("block3",)).blocks["block3"]
+    torch.testing.assert_close(out.blocks["block3.mean"][:5], direct.mean(dim=(2, 3)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_only_the_requested_summaries_are_computed(setup):
+    """A detector that reads block means never pays for the channel-softmax statistics."""
+    model, data, tf, cache, calls = setup
+    w = model_digest(model)
+    cache.get(model, w, data, tf, keys=("block2.mean",), batch_size=540)
+    entry = cache.entry(cache_key(w, data, tf, code_digest(model)))
+    stored = sorted(p.name for p in (entry.path / "blocks").iterdir())
+    assert stored == ["block2.mean.npy"]
+    taps = []
+    original = model.forward_all
+
+    def recording(x, taps_=(), **kw):
+        taps.append(tuple(kw.get("taps", taps_)))
+        return original(x, **kw) if "taps" in kw else original(x, taps_)
+
+    model.forward_all = recording
+    cache.get(model, w, data, tf, keys=("block2.mean", "block1.softmax"), batch_size=540)
+    assert taps == [("block1",)]  # one pass, tapping only the block still missing
+    assert sorted(p.name for p in (entry.path / "blocks").iterdir()) == [
+        "block1.softmax.npy", "block2.mean.npy"]
+
+
+def test_a_truncated_entry_is_an_error_naming_the_fix(setup):
+    from oodbench.errors import OodbenchError
+
+    model, data, tf, cache, _ = setup
+    w = model_digest(model)
+    cache.get(model, w, data, tf, batch_size=540)
+    entry = cache.entry(cache_key(w, data, tf, code_digest(model)))
+    logits = entry.path / "logits.npy"
+    logits.write_bytes(logits.read_bytes()[:-400])
+    with pytest.raises(OodbenchError) as e:
+        cache.get(model, w, data, tf, batch_size=540)
+    assert "delete the folder" in e.value.hint and str(entry.path) in e.value.hint
 
 
 def test_key_covers_weights_data_and_transform(setup):
     model, data, tf, _, _ = setup
     w = model_digest(model)
-    base = cache_key(w, data, tf)
+    base = cache_key(w, data, tf, code_digest(model))
+    assert cache_key(w, data, tf, "other code") != base
     with torch.no_grad():
         model.head.bias[0] += 1e-3
-    assert cache_key(model_digest(model), data, tf) != base
+    assert cache_key(model_digest(model), data, tf, code_digest(model)) != base
     other = data.subset(torch.arange(len(data) - 1))
-    assert cache_key(w, other, tf) != base
-    assert cache_key(w, data, tf.adapted(16, 1)) != base
+    assert cache_key(w, other, tf, code_digest(model)) != base
+    assert cache_key(w, data, tf.adapted(16, 1), code_digest(model)) != base
     # BatchNorm running statistics are weights too.
     model.backbone.stages[0][0][1].running_mean += 1
     assert model_digest(model) != w
@@ -74,14 +116,14 @@ def test_interrupted_forward_leaves_no_entry(setup, monkeypatch):
     def failing(x, taps=()):
         if calls["n"] >= 2:
             raise KeyboardInterrupt
-        return original(x, taps)
+        return original(x, taps=taps)
 
     model.forward_all = failing
     with pytest.raises(KeyboardInterrupt):
         cache.get(model, w, data, tf, batch_size=100)
-    entry = cache.entry(cache_key(w, data, tf))
+    entry = cache.entry(cache_key(w, data, tf, code_digest(model))).path
     assert not list(entry.glob("*.npy")) and not (entry / "meta.json").exists()
     assert not list(entry.glob("*.tmp*"))
     model.forward_all = original
-    out = cache.get(model, w, data, tf, batch_size=100)
-    assert out.computed and np.isfinite(out.logits.numpy()).all()
+    out, computed = cache.get(model, w, data, tf, batch_size=100)
+    assert computed and np.isfinite(out.logits.numpy()).all()
