@@ -133,5 +133,5 @@ def test_mahalanobis_ensemble_fits_every_block_and_needs_no_grad_without_selecti
 def test_bad_hyperparameters_are_refused() -> None:
     with pytest.raises(OodbenchError, match="no hyperparameter"):
         create("odin", temperature=3)
-    with pytest.raises(OodbenchError, match="selection mode"):
+    with pytest.raises(OodbenchError, match=r"odin\.selection must be one of 'none', 'id'"):
         create("odin", selection="test-set")
