@@ -30,6 +30,7 @@ in-distribution validation split and, in "ood" mode, the named OOD validation se
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -206,14 +207,14 @@ class Detector:
     @property
     def params(self) -> dict[str, Any]:
         """Effective values: defaults, overridden by `given`, overridden by `selected`."""
-        defaults = {n: list(h.default) if h.type is list else h.default
-                    for n, h in self.hparams.items()}
-        return {**defaults, **self.given, **self.selected}
+        merged = {**{n: h.default for n, h in self.hparams.items()}, **self.given,
+                  **self.selected}
+        return {n: list(v) if isinstance(v, list | tuple) else v for n, v in merged.items()}
 
     def describe(self) -> dict[str, Any]:
         """What metrics.json records about this detector's hyperparameters."""
-        return {"hparams": self.params, "given": dict(self.given),
-                "selected": dict(self.selected), "selection": self.selection}
+        return {"hparams": self.params, "given": copy.deepcopy(self.given),
+                "selected": copy.deepcopy(self.selected), "selection": self.selection}
 
     def required_outputs(self, block_names: tuple[str, ...]) -> frozenset[str]:
         """Cached-output keys that `fit` and cache-based scoring read (derived from `needs`)."""
