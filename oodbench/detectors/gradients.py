@@ -1,6 +1,7 @@
-"""Shared machinery of the detectors that run the model themselves: batched input gradients,
-signed input steps in normalised space, FGSM stand-in OOD samples, subsets, and the selection of
-hyperparameters on validation data.
+"""Shared machinery of the detectors that run the model themselves: the batched forward with
+gradients (`batched_forward`, the standalone twin of the pipeline's shared forward), input
+gradients that keep the graph for the next detector, signed input steps in normalised space,
+FGSM stand-in OOD samples, subsets, and the selection of hyperparameters on validation data.
 
 Input steps follow the ODIN / Mahalanobis code: the step is taken on the NORMALISED input, and the
 sign of the gradient is divided per channel by the normalisation std, so that ε is a step of ε

@@ -9,7 +9,8 @@ the in-distribution training set; score = max_c −(x − μ_c)ᵀ Σ⁺ (x − 
   dropped, as scipy's pinvh does); optional shrinkage Σ + α·tr(Σ)/D·I. Scores are computed in
   the whitened space z = xW (W Wᵀ = Σ⁺): one matmul per sample, then distances to C points.
 - Optional input preprocessing (ε > 0): x̃ = x − ε·sign(∇ₓ d²_closest)/std, then the score at x̃
-  (one forward + backward + forward per layer; needs the model).
+  (one forward + backward + forward per layer; needs the model). The fitted statistics live on
+  the CPU and are moved to the input's device once (`ClassGaussian.on`), so CUDA inputs work.
 - `mahalanobis`: one layer ("features" = the penultimate features, default, or a block name);
   with `selection` fgsm / ood, ε is chosen on a grid by validation AUROC.
 - `mahalanobis-ensemble`: all blocks; the per-layer scores are combined with logistic-regression

@@ -5,7 +5,9 @@ score = max_c S_c(x̃; T),   S(x; T) = softmax(f(x) / T)
 
 Defaults T = 1000, ε = 0.0014 (the paper's CIFAR values). Cost per sample: one forward with
 gradient, one input-only backward (parameters frozen), one forward on x̃: about three forward
-passes, batched. ODIN's own T replaces the run's calibrated temperature.
+passes, batched. ODIN's own T replaces the run's calibrated temperature. Scoring reads no cached
+output: `score_batch` takes the pipeline's shared forward with gradients (its logits serve the
+loss, and ε = 0 reuses them), so ODIN pays only the backward and the forward on x̃.
 
 Selection (hyperparameter `selection`), never on OOD data unless asked:
 - "none": the given T and ε.
