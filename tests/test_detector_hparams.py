@@ -165,3 +165,20 @@ def test_mahalanobis_statistics_follow_the_input_device() -> None:
     z, m = q @ whiten.numpy(), means.numpy() @ whiten.numpy()
     want = ((z[:, None, :] - m[None]) ** 2).sum(-1)
     np.testing.assert_allclose(gauss.distances(torch.from_numpy(q)).numpy(), want, rtol=1e-12)
+
+
+def test_the_readme_adding_a_detector_example_works() -> None:
+    class MyScore(Detector):
+        summary = "what it measures"
+        needs = frozenset({"logits"})
+        hparams = {"T": HParam(1.0, float, gt=0, doc="temperature")}
+
+        def score(self, data):
+            return (data.logits / self.params["T"]).logsumexp(1).numpy()
+
+    logits = torch.tensor([[0.0, np.log(3.0)]])
+    data = DetectorInput("x", logits, torch.zeros(1, dtype=torch.long))
+    np.testing.assert_allclose(MyScore(T="1")(data), [np.log(4.0)], rtol=1e-6)
+    assert MyScore().required_outputs(()) == {"logits"}
+    with pytest.raises(OodbenchError, match=r"MyScore\.T must be a float > 0, got -2"):
+        MyScore(T=-2)
