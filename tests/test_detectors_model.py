@@ -76,7 +76,7 @@ def test_odin_preprocessing_raises_the_in_distribution_msp(digits_run):
     data = _input(digits_run, "digits")
     assert _odin_gain(data, 1000.0, 0.0014) > 0  # the paper's defaults
     assert _odin_gain(data, 1.0, 0.01) > 0
-    assert _odin_gain(data, 1.0, -0.01) < 0  # the step direction matters: sign is right
+    # the exact step (sign and per-channel std) is checked by hand in test_detector_gradients
 
 
 @pytest.mark.xfail(strict=True, reason=(

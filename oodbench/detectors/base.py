@@ -1,12 +1,24 @@
 """The detector contract (scikit-learn style): `fit` on in-distribution data when the method
 needs statistics, `score` returns one float per sample, higher = more in-distribution.
 
+Hyperparameters are declared with `HParam` (type, range or choices, default) and validated when
+the detector is created, so a bad `-p odin.T=abc` fails at once with a message naming the fix,
+never later with a traceback or silently inverted scores. A detector keeps the user's values
+(`given`) apart from those its `select` step chose (`selected`); `params` is the effective view.
+
 A detector declares what it consumes (`needs`): cached forward outputs ("logits", "features",
 "blocks") and/or "grad" (it must run the model itself, e.g. ODIN's input preprocessing). The
 scoring pipeline computes the union of needs with ONE forward pass per dataset and hands each
 detector a `DetectorInput`; gradient-free detectors never touch the model. `needs` may depend on
 the hyperparameters (Mahalanobis needs "grad" only with input preprocessing), so the pipeline
-reads it from the instance.
+reads it from the instance. `required_outputs(block_names)` names exactly the cached outputs
+("logits", "features", "<block>.<summary>") that `fit` and cache-based scoring read.
+
+Detectors whose scoring runs the model (`uses_shared_forward`: ODIN, Mahalanobis with ε > 0)
+score batch by batch from ONE forward with gradients that the pipeline shares between them:
+`score_batch(x, out, data)` gets the leaf input `x` and `out = model.forward_all(x, taps)` with
+the graph alive (`grad_taps(block_names)` says which blocks it must tap). `score(data)` runs
+the same loop itself for standalone use, so both paths give identical numbers.
 
 Detectors with a hyperparameter search or learned weights (ODIN, Mahalanobis) implement
 `select(val, ood_val)`. Its `selection` hyperparameter says what data it may use: "none" (the
@@ -18,16 +30,104 @@ in-distribution validation split and, in "ood" mode, the named OOD validation se
 
 from __future__ import annotations
 
+import copy
+import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from oodbench.errors import OodbenchError
 from oodbench.registry import Registry
+from oodbench.summaries import BLOCK_SUMMARIES, block_key
+
+if TYPE_CHECKING:
+    from oodbench.models.base import ModelOutput
 
 NEEDS = frozenset({"logits", "features", "blocks", "grad"})
+NO_BLOCKS_HINT = "use a model with named blocks (smallcnn8, smallcnn28, resnet18...)"
+_KINDS = {float: "a float", int: "an int", str: "a non-empty string", bool: "a bool (true/false)",
+          list: "a non-empty list of floats"}
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyperparameter: default, type (float, int, str, bool, or `list` = a non-empty list of
+    floats), optional bounds (`gt`: >, `ge`: >=; on every element of a list) or `choices`."""
+
+    default: Any
+    type: type = float
+    gt: float | None = None
+    ge: float | None = None
+    choices: tuple[str, ...] = ()
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.type not in _KINDS:
+            raise TypeError(f"HParam type must be one of {list(_KINDS)}, got {self.type!r}")
+        self.coerce(self.default)  # a default outside its own range is a bug of the detector
+
+    def expected(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        bounds = [f"> {self.gt:g}" if self.gt is not None else "",
+                  f">= {self.ge:g}" if self.ge is not None else ""]
+        bound = " and ".join(b for b in bounds if b)
+        if self.type is list:
+            return _KINDS[list] + (f", each {bound}" if bound else "")
+        return _KINDS[self.type] + (f" {bound}" if bound else "")
+
+    def coerce(self, value: Any) -> Any:
+        """The value as this type (strings such as "1e-3" are parsed); ValueError if it is not
+        of the type or out of range."""
+        if self.type is list:
+            if not isinstance(value, list | tuple) or not value:
+                raise ValueError(value)
+            return [self._check(_to_float(v)) for v in value]
+        out = {float: _to_float, int: _to_int, str: _to_str, bool: _to_bool}[self.type](value)
+        if self.choices and out not in self.choices:
+            raise ValueError(value)
+        return self._check(out)
+
+    def _check(self, x: Any) -> Any:
+        if (self.gt is not None and not x > self.gt) or (self.ge is not None and not x >= self.ge):
+            raise ValueError(x)
+        return x
+
+
+def _to_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(v)
+    if isinstance(v, numbers.Real | str):
+        f = float(v)  # ValueError for "abc"
+        if math.isfinite(f):
+            return f
+    raise ValueError(v)
+
+
+def _to_int(v: Any) -> int:
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return int(v)
+    f = _to_float(v)
+    if not f.is_integer():
+        raise ValueError(v)
+    return int(f)
+
+
+def _to_str(v: Any) -> str:
+    if isinstance(v, str) and v.strip():
+        return v
+    raise ValueError(v)
+
+
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    raise ValueError(v)
 
 
 @dataclass
@@ -37,6 +137,7 @@ class DetectorInput:
     `logits`, `features` and `blocks` come from the output cache (CPU tensors, possibly
     memory-mapped). `model`, `images` and `transform` are set only for detectors that need "grad".
     `temperature` is the run's calibrated temperature when the user asked for it, else 1.
+    `block_names` are the model's blocks in order (resolves layer="last").
     """
 
     name: str
@@ -50,44 +151,97 @@ class DetectorInput:
     transform: Any = None
     device: torch.device | None = None
     inputs: torch.Tensor | None = None  # normalised float inputs of synthetic sets (FGSM)
+    block_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(len(self.labels))
 
 
 class Detector:
-    """Base class. Subclasses set `needs`, `requires_fit`, `hparams` (name → default) and
+    """Base class. Subclasses set `needs`, `requires_fit`, `hparams` (name → `HParam`) and
     implement `score` (and `fit` if `requires_fit`)."""
 
     needs: ClassVar[frozenset[str]] = frozenset({"logits"})
     requires_fit: ClassVar[bool] = False
-    hparams: ClassVar[dict[str, Any]] = {}
+    hparams: ClassVar[dict[str, HParam]] = {}
     summary: ClassVar[str] = ""
     # Selection modes `select` understands (empty: the detector has nothing to select).
     selection_modes: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        bad = [n for n, h in cls.hparams.items() if not isinstance(h, HParam)]
+        if bad:
+            raise TypeError(f"{cls.__name__}.hparams {bad} must be HParam(default, type, ...)")
 
     def __init__(self, **hparams: Any) -> None:
         unknown = set(hparams) - set(self.hparams)
         if unknown:
             raise OodbenchError(
-                f"{type(self).__name__} has no hyperparameter(s) {sorted(unknown)}",
+                f"{self.registered_name()} has no hyperparameter(s) {sorted(unknown)}",
                 f"valid: {sorted(self.hparams) or 'none'}",
             )
-        self.params: dict[str, Any] = {**self.hparams, **hparams}
+        self.given: dict[str, Any] = {n: self._validate(n, v) for n, v in hparams.items()}
+        self.selected: dict[str, Any] = {}  # what `select` chose; never overwrites `given`
         self.fitted = not self.requires_fit
         self.needs = type(self).needs
         # What `select` chose and from which data; recorded in metrics.json.
         self.selection: dict[str, Any] = {"mode": "none"}
-        mode = self.params.get("selection")
-        if self.selection_modes and mode not in self.selection_modes:
-            raise OodbenchError(f"{type(self).__name__} has no selection mode {mode!r}",
-                                f"use one of: {', '.join(self.selection_modes)}")
+
+    @classmethod
+    def registered_name(cls) -> str:
+        return next((n for n, c in DETECTORS.items() if c is cls), cls.__name__)
+
+    def _validate(self, name: str, value: Any) -> Any:
+        spec = self.hparams[name]
+        try:
+            return spec.coerce(value)
+        except (ValueError, TypeError):
+            det = self.registered_name()
+            default = spec.default if spec.type is not list else ",".join(map(str, spec.default))
+            raise OodbenchError(
+                f"{det}.{name} must be {spec.expected()}, got {value!r}",
+                f"pass e.g. -p {det}.{name}={default} (the default)"
+                + (f"; {spec.doc}" if spec.doc else "")) from None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Effective values: defaults, overridden by `given`, overridden by `selected`."""
+        merged = {**{n: h.default for n, h in self.hparams.items()}, **self.given,
+                  **self.selected}
+        return {n: list(v) if isinstance(v, list | tuple) else v for n, v in merged.items()}
+
+    def describe(self) -> dict[str, Any]:
+        """What metrics.json records about this detector's hyperparameters."""
+        return {"hparams": self.params, "given": copy.deepcopy(self.given),
+                "selected": copy.deepcopy(self.selected), "selection": self.selection}
+
+    def required_outputs(self, block_names: tuple[str, ...]) -> frozenset[str]:
+        """Cached-output keys that `fit` and cache-based scoring read (derived from `needs`)."""
+        keys = {k for k in ("logits", "features") if k in self.needs}
+        if "blocks" in self.needs:
+            keys |= {block_key(b, s) for b in block_names for s in BLOCK_SUMMARIES}
+        return frozenset(keys)
+
+    @property
+    def uses_shared_forward(self) -> bool:
+        """True when scoring runs the model: the pipeline then calls `score_batch` with its
+        shared forward (with gradients) instead of `score` on cached outputs."""
+        return False
 
     @property
     def scores_with_model(self) -> bool:
-        """True when `score` runs the model itself: its cost then replaces the shared forward
-        pass instead of adding to it."""
-        return "grad" in self.needs
+        """Alias of `uses_shared_forward` (its cost then replaces the plain forward pass)."""
+        return self.uses_shared_forward
+
+    def grad_taps(self, block_names: tuple[str, ...]) -> tuple[str, ...]:
+        """Blocks the shared forward must tap for this detector's input gradient."""
+        return ()
+
+    def score_batch(self, x: torch.Tensor, out: ModelOutput, data: DetectorInput) -> np.ndarray:
+        """Scores of one batch from the shared forward `out` = model.forward_all(x) (x a leaf
+        that requires grad, graph alive); only for `uses_shared_forward` detectors."""
+        raise NotImplementedError(f"{self.registered_name()} scores from cached outputs")
 
     @property
     def selection_mode(self) -> str:
@@ -105,11 +259,11 @@ class Detector:
 
     def __call__(self, data: DetectorInput) -> np.ndarray:
         if not self.fitted:
-            raise OodbenchError(f"{type(self).__name__} must be fitted before scoring",
+            raise OodbenchError(f"{self.registered_name()} must be fitted before scoring",
                                 "call fit() on in-distribution training data first")
         scores = np.asarray(self.score(data), dtype=np.float64)
         if scores.shape != (len(data.labels),):
-            raise RuntimeError(f"{type(self).__name__} returned shape {scores.shape}, "
+            raise RuntimeError(f"{self.registered_name()} returned shape {scores.shape}, "
                                f"expected ({len(data.labels)},)")
         return scores
 
@@ -119,3 +273,9 @@ DETECTORS: Registry[type[Detector]] = Registry("detector")
 
 def create(name: str, **hparams: Any) -> Detector:
     return DETECTORS.get(name)(**hparams)
+
+
+def selection_hparam(default: str, modes: tuple[str, ...]) -> HParam:
+    """The `selection` hyperparameter of a detector with these selection modes."""
+    return HParam(default, str, choices=modes,
+                  doc="what data selection may use: " + ", ".join(modes))

@@ -1,6 +1,7 @@
-"""Shared machinery of the detectors that run the model themselves: batched input gradients,
-signed input steps in normalised space, FGSM stand-in OOD samples, subsets, and the selection of
-hyperparameters on validation data.
+"""Shared machinery of the detectors that run the model themselves: the batched forward with
+gradients (`batched_forward`, the standalone twin of the pipeline's shared forward), input
+gradients that keep the graph for the next detector, signed input steps in normalised space,
+FGSM stand-in OOD samples, subsets, and the selection of hyperparameters on validation data.
 
 Input steps follow the ODIN / Mahalanobis code: the step is taken on the NORMALISED input, and the
 sign of the gradient is divided per channel by the normalisation std, so that ε is a step of ε
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ import torch.nn.functional as F
 from oodbench.detectors.base import DetectorInput
 from oodbench.errors import OodbenchError
 from oodbench.summaries import summarise_blocks
+
+if TYPE_CHECKING:
+    from oodbench.models.base import ModelOutput
 
 GRAD_BATCH = 128  # samples per batched backward pass
 FGSM_EPSILON = 0.05  # FGSM step in [0, 1] pixel units (Lee et al. 2018's adversarial validation)
@@ -66,6 +70,26 @@ def input_batches(data: DetectorInput, batch_size: int = GRAD_BATCH
             yield sl, data.inputs[sl].to(device)
         else:
             yield sl, data.transform(data.images.images[sl].to(device))
+
+
+def batched_forward(data: DetectorInput, taps: tuple[str, ...], batch_size: int,
+                    fn: Callable[[torch.Tensor, ModelOutput], np.ndarray]) -> np.ndarray:
+    """fn(x, out) for every batch, concatenated: x the normalised batch as a leaf that requires
+    grad, out = model.forward_all(x, taps) with its graph alive (parameters frozen, eval mode).
+    The standalone twin of the pipeline's shared forward, so both give the same numbers."""
+    model = data.model
+    parts = []
+    with frozen(model), torch.enable_grad():
+        for _, x in input_batches(data, batch_size):
+            x = x.detach().requires_grad_(True)
+            parts.append(np.asarray(fn(x, model.forward_all(x, taps=taps))))
+    return np.concatenate(parts)
+
+
+def input_grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """∇ₓ loss, keeping the graph: other detectors may differentiate the same shared forward."""
+    (g,) = torch.autograd.grad(loss, x, retain_graph=True)
+    return g
 
 
 def input_gradient(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor

@@ -18,47 +18,93 @@ from __future__ import annotations
 
 import numpy as np
 
-from oodbench.detectors.base import DETECTORS, Detector, DetectorInput
+from oodbench.detectors.base import (
+    DETECTORS,
+    NO_BLOCKS_HINT,
+    Detector,
+    DetectorInput,
+    HParam,
+)
 from oodbench.errors import OodbenchError
-from oodbench.summaries import SOFTMAX_STATS
+from oodbench.summaries import SOFTMAX_STATS, block_key
+
+
+def resolve_layer(layer: str, block_names: tuple[str, ...], what: str) -> str:
+    """`layer` checked against the model's blocks; "last" = the last block."""
+    if not block_names:
+        raise OodbenchError(f"{what} needs block outputs, and this model exposes none",
+                            NO_BLOCKS_HINT)
+    if layer == "last":
+        return block_names[-1]
+    if layer not in block_names:
+        raise OodbenchError(f"no block {layer!r} in this model", f"choose from {list(block_names)}")
+    return layer
 
 
 class _ChannelSoftmaxScore(Detector):
     needs = frozenset({"blocks"})
-    hparams = {"layer": "last"}
+    hparams = {"layer": HParam("last", str, doc="a block name of the model, or last")}
     column = ""  # one of SOFTMAX_STATS
     sign = 1.0
 
+    def _layer(self, block_names: tuple[str, ...]) -> str:
+        return resolve_layer(str(self.params["layer"]), block_names,
+                             self.summary or self.registered_name())
+
+    def required_outputs(self, block_names: tuple[str, ...]) -> frozenset[str]:
+        return frozenset({block_key(self._layer(block_names), "softmax")})
+
     def score(self, data: DetectorInput) -> np.ndarray:
-        layers = sorted({k.rsplit(".", 1)[0] for k in data.blocks if k.endswith(".softmax")})
-        if not layers:
-            raise OodbenchError(
-                f"{self.summary or type(self).__name__} needs block outputs, and this model "
-                "exposes none",
-                "use a model with named blocks (smallcnn8, smallcnn28, resnet18...)")
-        layer = str(self.params["layer"])
-        if layer == "last":
-            # blocks keep the model's order in the dict the pipeline builds
-            layer = [k.rsplit(".", 1)[0] for k in data.blocks if k.endswith(".softmax")][-1]
-        key = f"{layer}.softmax"
-        if key not in data.blocks:
-            raise OodbenchError(f"no block {layer!r} in this model", f"choose from {layers}")
-        stats = data.blocks[key]
+        # the model's block order; else the cache's dict order (the pipeline keeps it)
+        names = data.block_names or tuple(
+            k.rsplit(".", 1)[0] for k in data.blocks if k.endswith(".softmax"))
+        stats = data.blocks[block_key(self._layer(names), "softmax")]
         return self.sign * stats[:, SOFTMAX_STATS.index(self.column)].double().numpy()
 
 
-def _register(name: str, column: str, sign: float, summary: str) -> None:
-    cls = type(name.title().replace("-", ""), (_ChannelSoftmaxScore,),
-               {"column": column, "sign": sign, "summary": summary,
-                "__doc__": f"{summary} (column {column!r} of the cached softmax statistics)."})
-    DETECTORS.add(name, cls)
+@DETECTORS.register("intermediate-msp-max")
+class IntermediateMspMax(_ChannelSoftmaxScore):
+    """Max over positions of the channel-softmax max."""
+
+    column, sign = "max-msp", 1.0
+    summary = "max over positions of the channel-softmax max (a block; layer=)"
 
 
-for _agg in ("max", "min", "mean"):
-    _register(f"intermediate-msp-{_agg}", f"{_agg}-msp", 1.0,
-              f"{_agg} over positions of the channel-softmax max (a block; layer=)")
-for _agg in ("max", "mean"):
-    _register(f"intermediate-misp-{_agg}", f"{_agg}-misp", -1.0,
-              f"minus the {_agg} over positions of the channel-softmax min (a block; layer=)")
-_register("intermediate-misp", "min-misp", -1.0,
-          "minus the min over positions of the channel-softmax min (MiSP thesis; layer=)")
+@DETECTORS.register("intermediate-msp-min")
+class IntermediateMspMin(_ChannelSoftmaxScore):
+    """Min over positions of the channel-softmax max."""
+
+    column, sign = "min-msp", 1.0
+    summary = "min over positions of the channel-softmax max (a block; layer=)"
+
+
+@DETECTORS.register("intermediate-msp-mean")
+class IntermediateMspMean(_ChannelSoftmaxScore):
+    """Mean over positions of the channel-softmax max."""
+
+    column, sign = "mean-msp", 1.0
+    summary = "mean over positions of the channel-softmax max (a block; layer=)"
+
+
+@DETECTORS.register("intermediate-misp-max")
+class IntermediateMispMax(_ChannelSoftmaxScore):
+    """Minus the max over positions of the channel-softmax min."""
+
+    column, sign = "max-misp", -1.0
+    summary = "minus the max over positions of the channel-softmax min (a block; layer=)"
+
+
+@DETECTORS.register("intermediate-misp-mean")
+class IntermediateMispMean(_ChannelSoftmaxScore):
+    """Minus the mean over positions of the channel-softmax min."""
+
+    column, sign = "mean-misp", -1.0
+    summary = "minus the mean over positions of the channel-softmax min (a block; layer=)"
+
+
+@DETECTORS.register("intermediate-misp")
+class IntermediateMisp(_ChannelSoftmaxScore):
+    """The MiSP thesis score: minus the min over positions of the channel-softmax min."""
+
+    column, sign = "min-misp", -1.0
+    summary = "minus the min over positions of the channel-softmax min (MiSP thesis; layer=)"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from oodbench.detectors.base import DETECTORS, Detector, DetectorInput
+from oodbench.detectors.base import DETECTORS, Detector, DetectorInput, HParam
 
 
 def neg_entropy(log_p: torch.Tensor) -> torch.Tensor:
@@ -35,39 +35,40 @@ class _LogitScore(Detector):
         raise NotImplementedError
 
     def score(self, data: DetectorInput) -> np.ndarray:
+        assert data.logits is not None
         logits = data.logits.double() / data.temperature
         return self.compute(logits, torch.log_softmax(logits, dim=1)).numpy()
 
 
-def _register(name: str, summary: str):
-    def decorate(cls: type[_LogitScore]) -> type[_LogitScore]:
-        cls.summary = summary
-        return DETECTORS.add(name, cls)
-
-    return decorate
-
-
-@_register("msp", "maximum softmax probability")
+@DETECTORS.register("msp")
 class MSP(_LogitScore):
-    def compute(self, logits, log_p):
+    summary = "maximum softmax probability"
+
+    def compute(self, logits: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         return log_p.max(dim=1).values.exp()
 
 
-@_register("maxlogit", "maximum logit")
+@DETECTORS.register("maxlogit")
 class MaxLogit(_LogitScore):
-    def compute(self, logits, log_p):
+    summary = "maximum logit"
+
+    def compute(self, logits: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         return logits.max(dim=1).values
 
 
-@_register("entropy", "negative entropy of the softmax")
+@DETECTORS.register("entropy")
 class Entropy(_LogitScore):
-    def compute(self, logits, log_p):
+    summary = "negative entropy of the softmax"
+
+    def compute(self, logits: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         return neg_entropy(log_p)
 
 
-@_register("misp", "minus the minimum softmax probability (last layer)")
+@DETECTORS.register("misp")
 class MiSP(_LogitScore):
-    def compute(self, logits, log_p):
+    summary = "minus the minimum softmax probability (last layer)"
+
+    def compute(self, logits: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         return -log_p.min(dim=1).values.exp()
 
 
@@ -76,42 +77,49 @@ class Energy(Detector):
     """Negative free energy T · logsumexp(logits / T) (Liu et al. 2020)."""
 
     summary = "T · logsumexp(logits / T)"
-    hparams = {"T": 1.0}
+    hparams = {"T": HParam(1.0, float, gt=0, doc="energy temperature; T <= 0 is undefined or "
+                                                 "inverts the scores")}
 
     def score(self, data: DetectorInput) -> np.ndarray:
         t = float(self.params["T"])
         return (t * torch.logsumexp(data.logits.double() / t, dim=1)).numpy()
 
 
-@_register("mps", "DisMax maximum probability score")
+@DETECTORS.register("mps")
 class MPS(MSP):
-    pass
+    summary = "DisMax maximum probability score"
 
 
-@_register("es", "DisMax negative entropy score")
+@DETECTORS.register("es")
 class ES(Entropy):
-    pass
+    summary = "DisMax negative entropy score"
 
 
-@_register("mds", "DisMax minimum distance score (max logit)")
+@DETECTORS.register("mds")
 class MDS(MaxLogit):
-    pass
+    summary = "DisMax minimum distance score (max logit)"
 
 
-@_register("mmls", "DisMax max + mean logit score")
+@DETECTORS.register("mmls")
 class MMLS(_LogitScore):
-    def compute(self, logits, log_p):
+    summary = "DisMax max + mean logit score"
+
+    def compute(self, logits: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         return logits.max(dim=1).values + logits.mean(dim=1)
 
 
-@_register("mmles", "DisMax max + mean logit − entropy score")
+@DETECTORS.register("mmles")
 class MMLES(_LogitScore):
-    def compute(self, logits, log_p):
+    summary = "DisMax max + mean logit − entropy score"
+
+    def compute(self, logits: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         return logits.max(dim=1).values + logits.mean(dim=1) + neg_entropy(log_p)
 
 
-@_register("mmleps", "DisMax max + mean logit − entropy + max probability score")
+@DETECTORS.register("mmleps")
 class MMLEPS(_LogitScore):
-    def compute(self, logits, log_p):
+    summary = "DisMax max + mean logit − entropy + max probability score"
+
+    def compute(self, logits: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         return (logits.max(dim=1).values + logits.mean(dim=1) + neg_entropy(log_p)
                 + log_p.max(dim=1).values.exp())

@@ -9,7 +9,8 @@ the in-distribution training set; score = max_c −(x − μ_c)ᵀ Σ⁺ (x − 
   dropped, as scipy's pinvh does); optional shrinkage Σ + α·tr(Σ)/D·I. Scores are computed in
   the whitened space z = xW (W Wᵀ = Σ⁺): one matmul per sample, then distances to C points.
 - Optional input preprocessing (ε > 0): x̃ = x − ε·sign(∇ₓ d²_closest)/std, then the score at x̃
-  (one forward + backward + forward per layer; needs the model).
+  (one forward + backward + forward per layer; needs the model). The fitted statistics live on
+  the CPU and are moved to the input's device once (`ClassGaussian.on`), so CUDA inputs work.
 - `mahalanobis`: one layer ("features" = the penultimate features, default, or a block name);
   with `selection` fgsm / ood, ε is chosen on a grid by validation AUROC.
 - `mahalanobis-ensemble`: all blocks; the per-layer scores are combined with logistic-regression
@@ -20,47 +21,68 @@ the in-distribution training set; score = max_c −(x − μ_c)ᵀ Σ⁺ (x − 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from oodbench.detectors.base import DETECTORS, Detector, DetectorInput
+from oodbench.detectors.base import (
+    DETECTORS,
+    NO_BLOCKS_HINT,
+    Detector,
+    DetectorInput,
+    HParam,
+    selection_hparam,
+)
 from oodbench.detectors.gradients import (
     GRAD_BATCH,
+    batched_forward,
     choose,
-    frozen,
-    input_batches,
-    input_gradient,
+    input_grad,
     negatives,
     require_model,
     signed_step,
     subsample,
 )
 from oodbench.errors import OodbenchError
+from oodbench.summaries import block_key
+
+if TYPE_CHECKING:
+    from oodbench.models.base import ModelOutput
 
 CHUNK = 4096
-EPS_GRID = [0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01]  # Lee et al.'s grid
+EPS_GRID = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)  # Lee et al.'s grid
+SELECTION_MODES = ("none", "fgsm", "ood")
 
 
 @dataclass
 class ClassGaussian:
     """Class means and the whitening of the shared covariance of one layer."""
 
-    means: torch.Tensor  # C×D float64
-    whiten: torch.Tensor  # D×k float64, W Wᵀ = Σ⁺
+    means: torch.Tensor  # C×D float64 (CPU)
+    whiten: torch.Tensor  # D×k float64 (CPU), W Wᵀ = Σ⁺
+    _on: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, whitened class means) on `device`: computed once on the CPU (the same numbers on
+        every device), moved and cached per device, so a CUDA input meets CUDA statistics."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = (self.whiten.to(device), (self.means @ self.whiten).to(device))
+        return self._on[key]
 
     def distances(self, x: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distances N×C (float64; differentiable in x)."""
-        z = x.double() @ self.whiten
-        m = self.means @ self.whiten
+        """Squared Mahalanobis distances N×C (float64, on x's device; differentiable in x)."""
+        w, m = self.on(x.device)
+        z = x.double() @ w
         return ((z * z).sum(1, keepdim=True) - 2 * z @ m.T + (m * m).sum(1)).clamp_min(0)
 
     def scores(self, x: torch.Tensor) -> np.ndarray:
         out = [(-self.distances(x[i:i + CHUNK]).min(dim=1).values) for i in
                range(0, len(x), CHUNK)]
-        return torch.cat(out).numpy()
+        return torch.cat(out).cpu().numpy()
 
 
 def fit_class_gaussian(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -99,16 +121,21 @@ def _layer_features(data: DetectorInput, layer: str) -> torch.Tensor:
         if data.features is None:
             raise RuntimeError("features were not passed to the detector")
         return data.features
-    key = f"{layer}.mean"
+    key = block_key(layer, "mean")
     if key not in data.blocks:
         have = [k.rsplit(".", 1)[0] for k in data.blocks if k.endswith(".mean")]
-        if not have:
-            raise OodbenchError(
-                "this model exposes no block outputs for Mahalanobis",
-                "use a model with named blocks (smallcnn8, smallcnn28, resnet18...), or "
-                "layer=features")
-        raise OodbenchError(f"no block {layer!r} in this model", f"choose from {have}")
+        _check_layer(layer, tuple(have))
+        raise RuntimeError(f"{key} was not passed to the detector")
     return data.blocks[key]
+
+
+def _check_layer(layer: str, block_names: tuple[str, ...]) -> None:
+    if not block_names:
+        raise OodbenchError("this model exposes no block outputs for Mahalanobis",
+                            NO_BLOCKS_HINT + ", or layer=features")
+    if layer not in block_names:
+        raise OodbenchError(f"no block {layer!r} in this model",
+                            f"choose from {list(block_names)}, or layer=features")
 
 
 def _pooled(model: Any, x: torch.Tensor, layer: str) -> torch.Tensor:
@@ -118,22 +145,34 @@ def _pooled(model: Any, x: torch.Tensor, layer: str) -> torch.Tensor:
     return model.forward_all(x, taps=(layer,)).blocks[layer].mean(dim=(2, 3))
 
 
+def _pooled_output(out: ModelOutput, layer: str) -> torch.Tensor:
+    """The same as `_pooled`, read from a forward already run (with layer tapped)."""
+    return out.features if layer == "features" else out.blocks[layer].mean(dim=(2, 3))
+
+
+def preprocessed_batch(data: DetectorInput, x: torch.Tensor, pooled: torch.Tensor,
+                       gauss: ClassGaussian, layer: str, epsilons: list[float]) -> np.ndarray:
+    """len(ε) × B scores of one batch after the input step towards the closest class mean
+    (Lee et al.); `pooled` = the layer's pooled output of x, computed with gradients."""
+    g = None
+    if any(epsilons):
+        g = input_grad(gauss.distances(pooled).min(dim=1).values.sum(), x)
+    out = np.empty((len(epsilons), len(x)))
+    with torch.no_grad():
+        for i, eps in enumerate(epsilons):
+            z = _pooled(data.model, signed_step(data, x, g, eps), layer) if eps else pooled
+            d = gauss.distances(z.detach().cpu())
+            out[i] = (-d.min(dim=1).values).numpy()
+    return out
+
+
 def preprocessed_scores(data: DetectorInput, gauss: ClassGaussian, layer: str,
                         epsilons: list[float], batch_size: int = GRAD_BATCH) -> np.ndarray:
-    """len(ε) × N scores after the input step towards the closest class mean (Lee et al.)."""
+    """len(ε) × N scores after the input step (one gradient per batch for the whole ε list)."""
     require_model(data, "Mahalanobis preprocessing")
-    model = data.model
-    out = np.empty((len(epsilons), len(data)))
-    with frozen(model):
-        for sl, x in input_batches(data, batch_size):
-            g = input_gradient(
-                lambda z: gauss.distances(_pooled(model, z, layer)).min(dim=1).values.sum(), x)
-            with torch.no_grad():
-                for i, eps in enumerate(epsilons):
-                    z = signed_step(data, x, g, eps) if eps else x
-                    d = gauss.distances(_pooled(model, z, layer).cpu())
-                    out[i, sl] = (-d.min(dim=1).values).numpy()
-    return out
+    taps = () if layer == "features" else (layer,)
+    return batched_forward(data, taps, batch_size, lambda x, out: preprocessed_batch(
+        data, x, _pooled_output(out, layer), gauss, layer, epsilons).T).T
 
 
 def _num_classes(train: DetectorInput) -> int:
@@ -142,61 +181,94 @@ def _num_classes(train: DetectorInput) -> int:
     return int(train.labels.max()) + 1
 
 
+def _eps_hparam(doc: str) -> HParam:
+    return HParam(0.0, float, ge=0, doc=doc)
+
+
+COMMON = {
+    "search_samples": HParam(1000, int, ge=1, doc="validation samples used by selection"),
+    "shrinkage": HParam(0.0, float, ge=0, doc="covariance shrinkage α (Σ + α·tr(Σ)/D·I)"),
+    "batch_size": HParam(GRAD_BATCH, int, ge=1, doc="samples per gradient batch"),
+}
 @DETECTORS.register("mahalanobis")
 class Mahalanobis(Detector):
     summary = "Mahalanobis: tied-covariance class Gaussians on one layer (layer=features)"
     needs = frozenset({"features"})
     requires_fit = True
-    hparams: dict[str, Any] = {"layer": "features", "epsilon": 0.0, "selection": "none",
-                               "eps_grid": EPS_GRID, "search_samples": 1000, "shrinkage": 0.0,
-                               "batch_size": GRAD_BATCH}
-    selection_modes = ("none", "fgsm", "ood")
+    hparams = {
+        "layer": HParam("features", str, doc="features (penultimate) or a block name"),
+        "epsilon": _eps_hparam("input step in [0, 1] pixel units (0: no preprocessing)"),
+        "selection": selection_hparam("none", SELECTION_MODES),
+        "eps_grid": HParam(EPS_GRID, list, ge=0, doc="input steps tried by selection"),
+        **COMMON,
+    }
+    selection_modes = SELECTION_MODES
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
-        needs = {"features"} if self.params["layer"] == "features" else {"blocks"}
-        if float(self.params["epsilon"]) or self.selection_mode != "none":
+        needs = {"features"} if self.layer == "features" else {"blocks"}
+        if self.params["epsilon"] or self.selection_mode != "none":
             needs.add("grad")
         self.needs = frozenset(needs)
         self.gauss: ClassGaussian | None = None
 
     @property
-    def scores_with_model(self) -> bool:
-        return bool(float(self.params["epsilon"]))
+    def layer(self) -> str:
+        return str(self.params["layer"])
+
+    @property
+    def uses_shared_forward(self) -> bool:
+        return bool(self.params["epsilon"])  # read after `select`, which may choose ε > 0
+
+    def required_outputs(self, block_names: tuple[str, ...]) -> frozenset[str]:
+        if self.layer == "features":
+            return frozenset({"features"})
+        _check_layer(self.layer, block_names)
+        return frozenset({block_key(self.layer, "mean")})
+
+    def grad_taps(self, block_names: tuple[str, ...]) -> tuple[str, ...]:
+        return () if self.layer == "features" else (self.layer,)
 
     def fit(self, train: DetectorInput) -> Mahalanobis:
-        layer = str(self.params["layer"])
-        self.gauss = fit_class_gaussian(_layer_features(train, layer), train.labels,
-                                        _num_classes(train), float(self.params["shrinkage"]))
+        self.gauss = fit_class_gaussian(_layer_features(train, self.layer), train.labels,
+                                        _num_classes(train), self.params["shrinkage"])
         self.fitted = True
         return self
 
     def _scores(self, data: DetectorInput, epsilons: list[float]) -> np.ndarray:
         assert self.gauss is not None
-        layer = str(self.params["layer"])
         if epsilons == [0.0]:
-            return self.gauss.scores(_layer_features(data, layer))[None]
-        return preprocessed_scores(data, self.gauss, layer, epsilons,
-                                   int(self.params["batch_size"]))
+            return self.gauss.scores(_layer_features(data, self.layer))[None]
+        return preprocessed_scores(data, self.gauss, self.layer, epsilons,
+                                   self.params["batch_size"])
 
     def select(self, val: DetectorInput, ood_val: DetectorInput | None = None) -> None:
         mode = self.selection_mode
         if mode == "none":
             return
-        n = int(self.params["search_samples"])
+        n = self.params["search_samples"]
         val = subsample(val, n)
         neg = negatives(mode, val, None if ood_val is None else subsample(ood_val, n))
         assert neg is not None
-        eps = [float(e) for e in self.params["eps_grid"]]
+        eps = list(self.params["eps_grid"])
         pos, negs = self._scores(val, eps), self._scores(neg, eps)
         best, table = choose({e: (pos[i], negs[i]) for i, e in enumerate(eps)}, mode)
-        self.params["epsilon"] = best
+        self.selected = {"epsilon": best}
         self.selection = {"mode": mode, "chosen": {"epsilon": best}, "criterion": "AUROC",
                           "validation": val.name, "n": len(val), "negatives": neg.name,
                           "table": table}
 
+    def score_batch(self, x: torch.Tensor, out: ModelOutput, data: DetectorInput) -> np.ndarray:
+        assert self.gauss is not None
+        return preprocessed_batch(data, x, _pooled_output(out, self.layer), self.gauss,
+                                  self.layer, [self.params["epsilon"]])[0]
+
     def score(self, data: DetectorInput) -> np.ndarray:
-        return self._scores(data, [float(self.params["epsilon"])])[0]
+        if not self.uses_shared_forward:
+            return self._scores(data, [0.0])[0]
+        require_model(data, "Mahalanobis preprocessing")
+        return batched_forward(data, self.grad_taps(data.block_names), self.params["batch_size"],
+                               lambda x, out: self.score_batch(x, out, data))
 
 
 @DETECTORS.register("mahalanobis-ensemble")
@@ -205,13 +277,16 @@ class MahalanobisEnsemble(Detector):
                "FGSM samples")
     needs = frozenset({"blocks", "grad"})
     requires_fit = True
-    hparams: dict[str, Any] = {"epsilon": 0.0, "selection": "fgsm", "search_samples": 1000,
-                               "shrinkage": 0.0, "batch_size": GRAD_BATCH}
-    selection_modes = ("none", "fgsm", "ood")
+    hparams = {
+        "epsilon": _eps_hparam("input step in [0, 1] pixel units (0: cached outputs only)"),
+        "selection": selection_hparam("fgsm", SELECTION_MODES),
+        **COMMON,
+    }
+    selection_modes = SELECTION_MODES
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
-        grad = float(self.params["epsilon"]) or self.selection_mode != "none"
+        grad = self.params["epsilon"] or self.selection_mode != "none"
         self.needs = frozenset({"blocks", "grad"} if grad else {"blocks"})
         self.layers: list[str] = []
         self.gauss: dict[str, ClassGaussian] = {}
@@ -221,43 +296,57 @@ class MahalanobisEnsemble(Detector):
         self.scale: np.ndarray | None = None
 
     @property
-    def scores_with_model(self) -> bool:
-        return bool(float(self.params["epsilon"]))
+    def uses_shared_forward(self) -> bool:
+        return bool(self.params["epsilon"])
+
+    def required_outputs(self, block_names: tuple[str, ...]) -> frozenset[str]:
+        if not block_names:
+            _check_layer("?", block_names)  # raises the "no block outputs" error
+        return frozenset(block_key(b, "mean") for b in block_names)
+
+    def grad_taps(self, block_names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(self.layers or block_names) if self.uses_shared_forward else ()
 
     def fit(self, train: DetectorInput) -> MahalanobisEnsemble:
-        self.layers = [k.rsplit(".", 1)[0] for k in train.blocks if k.endswith(".mean")]
+        have = [k.rsplit(".", 1)[0] for k in train.blocks if k.endswith(".mean")]
+        self.layers = [b for b in train.block_names if b in have] or have
         if not self.layers:
-            _layer_features(train, "?")  # raises the "no block outputs" error
+            _check_layer("?", ())
         c = _num_classes(train)
-        shrink = float(self.params["shrinkage"])
-        self.gauss = {b: fit_class_gaussian(train.blocks[f"{b}.mean"], train.labels, c, shrink)
-                      for b in self.layers}
+        shrink = self.params["shrinkage"]
+        self.gauss = {b: fit_class_gaussian(train.blocks[block_key(b, "mean")], train.labels, c,
+                                            shrink) for b in self.layers}
         self.fitted = True
         self.weights = np.ones(len(self.layers))  # until `select` fits them
         return self
 
+    def _layer_batch(self, x: torch.Tensor, out: ModelOutput, data: DetectorInput
+                     ) -> np.ndarray:
+        """B × layers per-layer scores of one batch after each layer's own input step."""
+        eps = [self.params["epsilon"]]
+        return np.stack([preprocessed_batch(data, x, _pooled_output(out, b), self.gauss[b], b,
+                                            eps)[0] for b in self.layers], axis=1)
+
     def layer_scores(self, data: DetectorInput) -> np.ndarray:
         """N × layers matrix of per-layer Mahalanobis scores."""
-        eps = float(self.params["epsilon"])
-        cols = []
-        for b in self.layers:
-            if eps:
-                cols.append(preprocessed_scores(data, self.gauss[b], b, [eps],
-                                                int(self.params["batch_size"]))[0])
-            else:
-                cols.append(self.gauss[b].scores(_layer_features(data, b)))
-        return np.stack(cols, axis=1)
+        if self.uses_shared_forward:
+            require_model(data, "Mahalanobis preprocessing")
+            return batched_forward(data, tuple(self.layers), self.params["batch_size"],
+                                   lambda x, out: self._layer_batch(x, out, data))
+        return np.stack([self.gauss[b].scores(_layer_features(data, b)) for b in self.layers],
+                        axis=1)
 
     def select(self, val: DetectorInput, ood_val: DetectorInput | None = None) -> None:
         from sklearn.linear_model import LogisticRegression
 
         mode = self.selection_mode
-        n = int(self.params["search_samples"])
+        n = self.params["search_samples"]
         val = subsample(val, n)
         pos = self.layer_scores(val)
         self.centre, self.scale = pos.mean(0), pos.std(0) + 1e-12
         if mode == "none":  # equal weights on standardised per-layer scores
-            self.selection = {"mode": "none", "weights": "equal", "validation": val.name}
+            self.selection = {"mode": "none", "weights": "equal", "validation": val.name,
+                              "n": len(val)}
             return
         neg_data = negatives(mode, val, None if ood_val is None else subsample(ood_val, n),
                              taps=tuple(self.layers))
@@ -267,16 +356,21 @@ class MahalanobisEnsemble(Detector):
         y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
         if not np.isfinite(x).all():
             raise OodbenchError("non-finite Mahalanobis scores on the validation data",
-                                "try shrinkage=0.01")
+                                "try -p mahalanobis-ensemble.shrinkage=0.01")
         lr = LogisticRegression(max_iter=1000).fit(x, y)
         self.weights, self.bias = lr.coef_[0].astype(np.float64), float(lr.intercept_[0])
         self.selection = {"mode": mode, "criterion": "logistic regression (in-dist = 1)",
                           "validation": val.name, "n": len(val), "negatives": neg_data.name,
                           "weights": dict(zip(self.layers, self.weights.tolist(), strict=True))}
 
-    def score(self, data: DetectorInput) -> np.ndarray:
-        s = self.layer_scores(data)
+    def _combine(self, s: np.ndarray) -> np.ndarray:
         if self.centre is None:  # scored without `select`: equal weights, raw scale
             return s.sum(axis=1)
         assert self.weights is not None and self.scale is not None
         return ((s - self.centre) / self.scale) @ self.weights + self.bias
+
+    def score_batch(self, x: torch.Tensor, out: ModelOutput, data: DetectorInput) -> np.ndarray:
+        return self._combine(self._layer_batch(x, out, data))
+
+    def score(self, data: DetectorInput) -> np.ndarray:
+        return self._combine(self.layer_scores(data))
