@@ -70,7 +70,7 @@ class Plan:
         """Detectors whose `select` reads validation data: a selection mode other than "none",
         or a detector that standardises on validation data even then (the ensemble)."""
         return [n for n, d in self.detectors.items() if d.selection_modes and (
-            d.selection_mode != "none" or getattr(d, "validates_in_none_mode", False))]
+            d.selection_mode != "none" or d.validates_in_none_mode)]
 
     @property
     def wants_ood_validation(self) -> list[str]:
@@ -103,19 +103,26 @@ def plan(detectors: dict[str, Detector], block_names: tuple[str, ...],
          temperature: float = 1.0, calibrated: bool = False,
          ood_validation: str | None = None) -> Plan:
     """The outputs every set needs. The test set always needs the base outputs (logits for the
-    classification metrics); block summaries only where a detector reads them."""
+    classification metrics); block summaries only where a detector reads them. Which detectors
+    score through the shared gradient forward is settled after selection (`settle_shared`):
+    a selection may choose an input step (ε > 0)."""
     def keys(names: list[str]) -> frozenset[str]:
         return frozenset().union(*(detectors[n].required_outputs(block_names) for n in names))
 
-    shared = tuple(n for n, d in detectors.items() if d.uses_shared_forward)
-    free = [n for n in detectors if n not in shared]
-    taps = tuple(dict.fromkeys(t for n in shared for t in detectors[n].grad_taps(block_names)))
-    p = Plan(detectors, block_names, keys(free) | set(BASE_OUTPUTS), frozenset(),
-             frozenset(), shared, taps, temperature, calibrated, ood_validation)
+    p = Plan(detectors, block_names, keys(list(detectors)) | set(BASE_OUTPUTS), frozenset(),
+             frozenset(), (), (), temperature, calibrated, ood_validation)
     p.fit_keys = keys(p.fitting)
     p.select_keys = keys(p.selecting)
     _check_ood_validation(p)
     return p
+
+
+def settle_shared(p: Plan) -> None:
+    """The detectors that run the model to score (ODIN; Mahalanobis with an input step), and
+    the blocks the shared forward must tap for their gradients."""
+    p.shared = tuple(n for n, d in p.detectors.items() if d.uses_shared_forward)
+    p.grad_taps = tuple(dict.fromkeys(t for n in p.shared
+                                      for t in p.detectors[n].grad_taps(p.block_names)))
 
 
 def _check_ood_validation(p: Plan) -> None:
@@ -415,6 +422,7 @@ def fit_select(lr: LoadedRun, p: Plan, sets: SetBundle) -> Setup:
             tic = time.perf_counter()
             p.detectors[n].select(val, ood_val if n in p.wants_ood_validation else None)
             seconds[n]["select"] = time.perf_counter() - tic
+    settle_shared(p)
     return Setup(seconds)
 
 

@@ -167,6 +167,8 @@ class Detector:
     summary: ClassVar[str] = ""
     # Selection modes `select` understands (empty: the detector has nothing to select).
     selection_modes: ClassVar[tuple[str, ...]] = ()
+    # True when `select` reads the validation split even in selection mode "none"
+    validates_in_none_mode: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -283,6 +283,7 @@ class MahalanobisEnsemble(Detector):
         **COMMON,
     }
     selection_modes = SELECTION_MODES
+    validates_in_none_mode = True  # standardises the per-layer scores on validation data
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
