@@ -104,3 +104,64 @@ def test_every_name_is_registered_literally(registry):
                    "detectors use @DETECTORS.register(\"name\")")
 def test_every_detector_name_is_registered_literally():
     assert _not_literal(DETECTORS) == []
+
+
+DIGITS = {"name": "t", "in_distribution": "digits", "model": "smallcnn8", "losses": ["softmax"],
+          "detectors": ["msp"], "ood": {"far": ["gaussian"]}}
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model", "resnet99", "unknown model 'resnet99'"),
+    ("in_distribution", "digitz", "unknown dataset 'digitz'"),
+    ("losses", ["softmax", "nope"], "unknown loss 'nope'"),
+    ("detectors", ["msp", "nope"], "unknown detector 'nope'"),
+    ("ood", {"far": ["gaussian", "nope"]}, "unknown dataset 'nope'"),
+    ("ood", {"far": ["folder:"]}, "`folder:` needs a path"),
+    ("normalization", {"mean": [0.5, 0.5, 0.5], "std": [1, 1, 1]}, "with 1 value(s) each"),
+])
+def test_check_benchmark_rejects_unknown_names(key, value, message):
+    from oodbench.config import BenchmarkConfig
+    from oodbench.experiment import check_benchmark
+
+    bench = BenchmarkConfig.from_dict({**DIGITS, key: value})  # config alone does not look up
+    with pytest.raises(OodbenchError) as e:
+        check_benchmark(bench)
+    assert message in e.value.message
+
+
+def test_check_benchmark_accepts_a_valid_one_and_checks_the_run_loss():
+    from oodbench.config import BenchmarkConfig, RunConfig
+    from oodbench.experiment import check_benchmark, check_run_config
+
+    bench = BenchmarkConfig.from_dict({**DIGITS, "normalization": {"mean": [0.1], "std": [2]}})
+    assert check_benchmark(bench) is bench
+    run = RunConfig(bench, "softmax", 0)
+    assert check_run_config(run) is run
+    with pytest.raises(UnknownNameError, match="unknown loss 'nope'"):
+        check_run_config(RunConfig(bench, "nope", 0))
+
+
+def test_load_checked_benchmark(tmp_path):
+    import yaml
+
+    from oodbench.experiment import load_checked_benchmark
+
+    assert load_checked_benchmark("digits").dataset == "digits"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**DIGITS, "detectors": ["msp", "nope"]}))
+    with pytest.raises(UnknownNameError, match="unknown detector 'nope'") as e:
+        load_checked_benchmark(str(path))
+    assert "maxlogit" in (e.value.hint or "")  # the valid names are listed
+    with pytest.raises(UnknownNameError, match="unknown benchmark 'no-such-benchmark'"):
+        load_checked_benchmark("no-such-benchmark")
+
+
+def test_config_structural_checks_need_no_registry():
+    from oodbench.config import BenchmarkConfig
+
+    with pytest.raises(OodbenchError, match="std > 0"):
+        BenchmarkConfig.from_dict({**DIGITS, "normalization": {"mean": [0.5], "std": [0]}})
+    with pytest.raises(OodbenchError, match="std > 0"):
+        BenchmarkConfig.from_dict({**DIGITS, "normalization": {"mean": [0.5]}})
+    with pytest.raises(OodbenchError, match="OOD set names repeat"):
+        BenchmarkConfig.from_dict({**DIGITS, "ood": {"far": ["gaussian", "gaussian"]}})
