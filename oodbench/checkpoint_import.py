@@ -13,9 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from oodbench.config import RunConfig, load_benchmark
+from oodbench.config import RunConfig
 from oodbench.errors import OodbenchError
-from oodbench.experiment import build_model
+from oodbench.experiment import build_model, check_benchmark, load_checked_benchmark
 from oodbench.models.pretrained import CHECKPOINT_FORMATS, read_foreign_checkpoint
 from oodbench.runs import Run, load_weights
 from oodbench.train import save_checkpoint
@@ -37,10 +37,12 @@ def import_checkpoint(path: Path, model: str, benchmark: str, run_dir: Path | No
     if model not in fmt.models:
         raise OodbenchError(f"a {fmt_name} checkpoint holds one of {list(fmt.models)}, "
                             f"not {model!r}", f"pass --model with one of {list(fmt.models)}")
-    bench = load_benchmark(benchmark)
+    bench = load_checked_benchmark(benchmark)
     bench = replace(bench, model=model, losses=["softmax"],
                     normalization={"mean": list(fmt.mean), "std": list(fmt.std)})
-    bench.validate(f"{benchmark} (imported {fmt_name} checkpoint)")
+    source = f"{benchmark} (imported {fmt_name} checkpoint)"
+    bench.validate(source)
+    check_benchmark(bench, source)
     cfg = RunConfig(bench, "softmax", seed, {})
     run = Run.create(run_dir or default_import_dir(bench.name, model, fmt_name), cfg)
     classifier = build_model(cfg)

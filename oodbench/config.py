@@ -1,5 +1,9 @@
 """Benchmark and run configuration: dataclasses read from YAML (safe_load) and validated.
 
+Only parsing, types and structural checks live here; whether the names a benchmark uses (model,
+losses, detectors, datasets) exist is checked by `oodbench.experiment.check_benchmark`, so this
+module stays below every registry.
+
 A benchmark YAML names the in-distribution set, the model, the losses, the detectors, the OOD
 sets grouped near / far, the training schedule and the seeds. A run's config is the benchmark
 resolved for one loss and one seed; it is written into the run folder so every later step reads
@@ -135,32 +139,18 @@ class BenchmarkConfig:
         return cfg
 
     def validate(self, source: str = "<benchmark>") -> None:
-        """Names are checked against the registries up front, not halfway through a run."""
-        from oodbench.data import get_dataset
-        from oodbench.detectors import DETECTORS
-        from oodbench.losses import LOSSES
-        from oodbench.models import MODELS
-
+        """Structural checks only: this module never looks names up in the registries (that is
+        `oodbench.experiment.check_benchmark`, run wherever a benchmark is loaded for use)."""
         self.train.validate()
-        MODELS.get(self.model)
-        get_dataset(self.dataset)
-        for loss in self.losses:
-            from oodbench.models import check_block_activation
-
-            check_block_activation(self.model, LOSSES.get(loss).block_activation, loss)
-        if self.normalization is not None:
-            channels = get_dataset(self.dataset).info_for().channels
-            norm = self.normalization
-            if (not isinstance(norm, dict) or set(norm) != {"mean", "std"}
-                    or any(len(norm[k]) != channels for k in norm)
-                    or any(float(v) <= 0 for v in norm["std"])):
-                raise OodbenchError(f"{source}: normalization must be {{mean: [...], std: [...]}} "
-                                    f"with {channels} value(s) each and std > 0",
-                                    "fix or remove the `normalization` key")
-        for det in self.detectors:
-            DETECTORS.get(det)
-        for o in self.ood:
-            get_dataset(o.dataset)
+        norm = self.normalization
+        if norm is not None and (
+                not isinstance(norm, dict) or set(norm) != {"mean", "std"}
+                or not all(isinstance(norm[k], (list, tuple)) and norm[k] for k in norm)
+                or len(norm["mean"]) != len(norm["std"])
+                or any(float(v) <= 0 for v in norm["std"])):
+            raise OodbenchError(f"{source}: normalization must be {{mean: [...], std: [...]}} "
+                                "with one value per input channel each and std > 0",
+                                "fix or remove the `normalization` key")
         names = [o.name for o in self.ood]
         if len(set(names)) != len(names):
             raise OodbenchError(f"{source}: OOD set names repeat: {names}",

@@ -15,7 +15,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from oodbench.train import EpochStats, StepReporter
+from oodbench.progress import EpochStats, StepReporter
 
 console = Console(stderr=True)
 out = Console()

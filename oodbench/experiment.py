@@ -1,5 +1,7 @@
-"""From a run config to concrete objects: the in-distribution splits, the OOD sets with their
-input transforms, and the model. Shared by train, calibrate and score so they agree exactly."""
+"""From a benchmark or run config to concrete objects: the in-distribution splits, the OOD sets
+with their input transforms, and the model. Shared by train, calibrate and score so they agree
+exactly. Also where a config's names are checked against the registries (`check_benchmark`),
+which config.py, below the registries, cannot do."""
 
 from __future__ import annotations
 
@@ -7,11 +9,44 @@ from dataclasses import replace
 
 import torch
 
-from oodbench.config import OODSet, RunConfig
+from oodbench.config import BenchmarkConfig, OODSet, RunConfig, load_benchmark
 from oodbench.data import DataContext, DatasetInfo, ImageSet, InputTransform, get_dataset
+from oodbench.detectors import DETECTORS
 from oodbench.errors import OodbenchError
 from oodbench.losses import LOSSES
-from oodbench.models import Classifier, build_classifier, check_block_activation
+from oodbench.models import MODELS, Classifier, build_classifier, check_block_activation
+
+
+def check_benchmark(bench: BenchmarkConfig, source: str = "<benchmark>") -> BenchmarkConfig:
+    """Every name the benchmark uses exists (model, datasets, losses the model can run,
+    detectors), so a typo fails before any work, listing the valid names. Returns `bench`."""
+    MODELS.get(bench.model)
+    source_set = get_dataset(bench.dataset)
+    for loss in bench.losses:
+        check_block_activation(bench.model, LOSSES.get(loss).block_activation, loss)
+    if bench.normalization is not None:
+        channels = source_set.info_for().channels
+        if any(len(values) != channels for values in bench.normalization.values()):
+            raise OodbenchError(f"{source}: normalization must be {{mean: [...], std: [...]}} "
+                                f"with {channels} value(s) each and std > 0",
+                                "fix or remove the `normalization` key")
+    for det in bench.detectors:
+        DETECTORS.get(det)
+    for o in bench.ood:
+        get_dataset(o.dataset)
+    return bench
+
+
+def load_checked_benchmark(name_or_path: str) -> BenchmarkConfig:
+    """`config.load_benchmark` plus `check_benchmark`: what commands load a benchmark with."""
+    return check_benchmark(load_benchmark(name_or_path), name_or_path)
+
+
+def check_run_config(cfg: RunConfig, source: str = "<run>") -> RunConfig:
+    """`check_benchmark` for a run folder's config, plus the run's own loss. Returns `cfg`."""
+    check_benchmark(cfg.benchmark, source)
+    check_block_activation(cfg.benchmark.model, LOSSES.get(cfg.loss).block_activation, cfg.loss)
+    return cfg
 
 
 def in_distribution_info(cfg: RunConfig) -> DatasetInfo:

@@ -3,18 +3,27 @@
 Tables are first built as plain `TableModel`s (strings + which cells to emphasise), so the
 terminal (rich) and the Markdown outputs show exactly the same numbers. Tables show percentages
 with one decimal; CSV and JSON keep fractions, with a unit column.
+
+What `oodbench report --format NAME` prints is the function registered in `OUTPUT_FORMATS` as
+NAME: adding a format is one decorated function here.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oodbench.errors import OodbenchError
 from oodbench.metrics import HIGHER_IS_BETTER
+from oodbench.registry import Registry
 from oodbench.report import best_values, cell_of, columns
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 NAMES = {"tnr_at_tpr95": "TNR@95", "fpr_at_tpr95": "FPR@95", "auroc": "AUROC", "dtacc": "DTACC",
          "aupr_in": "AUPR-in", "aupr_out": "AUPR-out"}
@@ -241,3 +250,42 @@ def comparison_csv(cmp: dict[str, Any]) -> str:
                     rows.append([g["benchmark"], g["in_distribution"], g["model"], r["loss"],
                                  r["detector"], col, k, v["a"], v["b"], v["delta"], "fraction"])
     return _csv(header, rows)
+
+
+@dataclass(frozen=True)
+class RenderedReport:
+    """Everything an output format may print: the report dict and its tables and CSV."""
+
+    doc: dict[str, Any]
+    tables: list[TableModel]
+    heading: str
+    csv: str
+
+    @property
+    def markdown(self) -> str:
+        return to_markdown(self.tables, self.heading)
+
+
+# `@OUTPUT_FORMATS.register("name")` on a function (report, console) -> None printing the report.
+OUTPUT_FORMATS: Registry[Callable[[RenderedReport, Console], None]] = Registry("format")
+
+
+@OUTPUT_FORMATS.register("rich")
+def print_rich(report: RenderedReport, out: Console) -> None:
+    for table in to_rich(report.tables):
+        out.print(table)
+
+
+@OUTPUT_FORMATS.register("markdown")
+def print_markdown(report: RenderedReport, out: Console) -> None:
+    out.print(report.markdown, markup=False, highlight=False, soft_wrap=True)
+
+
+@OUTPUT_FORMATS.register("csv")
+def print_csv(report: RenderedReport, out: Console) -> None:
+    out.file.write(report.csv)
+
+
+@OUTPUT_FORMATS.register("json")
+def print_json(report: RenderedReport, out: Console) -> None:
+    out.file.write(json.dumps(report.doc, indent=2) + "\n")

@@ -13,19 +13,18 @@ from oodbench.gate import evaluate, parse_gate
 from oodbench.io import write_json, write_text
 from oodbench.render import (
     DEFAULT_TABLE_METRICS,
+    OUTPUT_FORMATS,
     PAPER_METRICS,
     PAPER_PAIRS,
+    RenderedReport,
     comparison_csv,
     comparison_tables,
     paper_tables,
     report_csv,
     report_tables,
-    to_markdown,
-    to_rich,
 )
 from oodbench.report import Filters, build_report, compare, find_metrics, load_metrics
 
-FORMATS = ("rich", "markdown", "csv", "json")
 STYLES = ("table", "paper")
 
 
@@ -68,8 +67,7 @@ def run_report(paths: list[Path], o: ReportOptions) -> int:
     """Print and write the report; returns the exit code (1 when a gate fails)."""
     from oodbench.console import console, out
 
-    if o.fmt not in FORMATS:
-        raise OodbenchError(f"unknown format {o.fmt!r}", f"use one of: {', '.join(FORMATS)}")
+    print_format = OUTPUT_FORMATS.get(o.fmt)  # an unknown --format fails before any work
     if o.style not in STYLES:
         raise OodbenchError(f"unknown style {o.style!r}", f"use one of: {', '.join(STYLES)}")
     if o.bootstrap < 0:
@@ -98,21 +96,11 @@ def run_report(paths: list[Path], o: ReportOptions) -> int:
         csv_text, stem, heading = report_csv(doc), "report", "oodbench report"
         dest = o.output or (paths[0] if paths[0].is_dir() else paths[0].parent)
 
-    markdown = to_markdown(tables, heading)
-    if o.fmt == "rich":
-        for t in to_rich(tables):
-            out.print(t)
-    elif o.fmt == "markdown":
-        out.print(markdown, markup=False, highlight=False, soft_wrap=True)
-    elif o.fmt == "csv":
-        out.file.write(csv_text)
-    else:
-        import json
-
-        out.file.write(json.dumps(doc, indent=2) + "\n")
+    rendered = RenderedReport(doc, tables, heading, csv_text)
+    print_format(rendered, out)
     if o.write:
         write_json(dest / f"{stem}.json", doc)
-        write_text(dest / f"{stem}.md", markdown)
+        write_text(dest / f"{stem}.md", rendered.markdown)
         write_text(dest / f"{stem}.csv", csv_text)
         console.print(f"wrote {dest / stem}.json, .md and .csv")
     if o.plots:

@@ -20,7 +20,6 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from oodbench.data import DataContext, ImageSet, InputTransform, augment
 from oodbench.errors import OodbenchError
 from oodbench.experiment import build_model, in_distribution_info, load_in_distribution
 from oodbench.losses import LOSSES, Criterion
+from oodbench.progress import EpochStats, StepReporter
 from oodbench.runs import Run, load_weights
 
 MAX_STEP_SEED = 2**62
@@ -60,23 +60,6 @@ def learning_rate(t: TrainConfig, global_step: int, steps_per_epoch: int) -> flo
         return t.lr * 0.5 * (1.0 + math.cos(math.pi * q))
     progress = (epoch_f - t.warmup_epochs) / max(t.epochs - t.warmup_epochs, 1e-9)
     return t.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-@dataclass
-class EpochStats:
-    epoch: int
-    loss: float
-    train_accuracy: float
-    val_accuracy: float
-    images_per_second: float
-
-
-class StepReporter:
-    """What the loop tells its caller; the CLI implements it with rich progress bars."""
-
-    def start(self, epochs: int, steps_per_epoch: int, epoch: int, step: int) -> None: ...
-    def step(self, loss: float, accuracy: float, images_per_second: float) -> None: ...
-    def epoch_end(self, stats: EpochStats) -> None: ...
 
 
 @torch.no_grad()

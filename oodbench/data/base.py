@@ -155,14 +155,10 @@ class DatasetSource:
         return "built in; nothing to download"
 
 
-DATASETS: Registry[DatasetSource] = Registry("dataset")
+def _instance(cls: type[DatasetSource]) -> DatasetSource:
+    """The registry entry of a decorated `DatasetSource` subclass: one instance of it."""
+    return cls()
 
 
-def register_dataset(name: str):
-    """Class decorator: register one instance of a `DatasetSource` subclass under `name`."""
-
-    def decorate(cls: type[DatasetSource]) -> type[DatasetSource]:
-        DATASETS.add(name, cls())
-        return cls
-
-    return decorate
+# `@DATASETS.register("name")` on a DatasetSource subclass registers one instance of it.
+DATASETS: Registry[DatasetSource] = Registry("dataset", entry=_instance)

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from oodbench.data.base import (
+    DATASETS,
     DataContext,
     DatasetInfo,
     DatasetSource,
     ImageSet,
-    register_dataset,
 )
 
 DIGITS_INFO = DatasetInfo(
@@ -46,7 +46,7 @@ def _digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {s: (images[i], labels[i]) for s, i in (("train", train), ("val", val), ("test", test))}
 
 
-@register_dataset("digits")
+@DATASETS.register("digits")
 class Digits(DatasetSource):
     summary = "scikit-learn 8×8 handwritten digits (embedded; 1,797 images, 10 classes)"
     splits = ("train", "val", "test")
@@ -59,7 +59,7 @@ class Digits(DatasetSource):
                         self.info)
 
 
-@register_dataset("patches")
+@DATASETS.register("patches")
 class NaturalPatches(DatasetSource):
     summary = "8×8 gray patches of scikit-learn's bundled photos (embedded; natural-image OOD)"
     info = DatasetInfo(channels=1, image_size=8, num_classes=0, mean=(0.5,), std=(0.5,))
@@ -110,13 +110,13 @@ class _Noise(DatasetSource):
         return ImageSet(self.kind, images, torch.full((NOISE_COUNT,), -1, dtype=torch.long), info)
 
 
-@register_dataset("gaussian")
+@DATASETS.register("gaussian")
 class GaussianNoise(_Noise):
     summary = "Gaussian noise, mean 127.5, std 64 (of 255), clipped; shaped like the in-dist set"
     kind = "gaussian"
 
 
-@register_dataset("uniform")
+@DATASETS.register("uniform")
 class UniformNoise(_Noise):
     summary = "uniform noise over 0..255; shaped like the in-distribution set"
     kind = "uniform"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodbench.data.base import DataContext, DatasetInfo, ImageSet, register_dataset
+from oodbench.data.base import DATASETS, DataContext, DatasetInfo, DatasetSource, ImageSet
 from oodbench.data.decoded import cached_decode
 from oodbench.data.files import FileSource, Resource
 from oodbench.data.transforms import crop_windows
@@ -215,7 +215,7 @@ class ImageFolderSource(FileSource):
         return ImageSet(self.name, images, labels, info)
 
 
-@register_dataset("cifar10-jpeg")
+@DATASETS.register("cifar10-jpeg")
 class Cifar10Jpeg(ImageFolderSource):
     summary = ("CIFAR-10 re-encoded as JPEG quality 75 (lossy; image folder "
                "cifar10-jpeg/{train,test}/<class>/); 50k + 10k, 10 classes")
@@ -282,13 +282,13 @@ def seeded_crops(images: torch.Tensor, size: int, seed: int = VIEW_SEED) -> torc
     return crop_windows(images, dy, dx, size, size).contiguous()
 
 
-@register_dataset("tinyimagenet-resize")
+@DATASETS.register("tinyimagenet-resize")
 class TinyImageNetResize(TinyImageNetView):
     summary = "Tiny-ImageNet test images downsampled 64→32 (ODIN's TinyImageNet (resize)); 10k"
     view = "resize"
 
 
-@register_dataset("tinyimagenet-crop")
+@DATASETS.register("tinyimagenet-crop")
 class TinyImageNetCrop(TinyImageNetView):
     summary = "seeded random 32×32 crops of the Tiny-ImageNet test images (ODIN's (crop)); 10k"
     view = "crop"
@@ -309,14 +309,14 @@ class OdinFolder(ImageFolderSource):
                       f"as {folder}/")
 
 
-@register_dataset("lsun-resize")
+@DATASETS.register("lsun-resize")
 class LsunResize(OdinFolder):
     summary = "LSUN test images downsampled to 32×32 (ODIN's LSUN_resize); user-supplied"
     name = "lsun-resize"
     split_dirs = {"test": "LSUN_resize"}
 
 
-@register_dataset("lsun-crop")
+@DATASETS.register("lsun-crop")
 class LsunCrop(OdinFolder):
     summary = "32×32 crops of LSUN test images (ODIN's LSUN); user-supplied"
     name = "lsun-crop"
@@ -324,7 +324,7 @@ class LsunCrop(OdinFolder):
     crop_to = 32  # centre crop when the published files are a little larger
 
 
-@register_dataset("isun")
+@DATASETS.register("isun")
 class ISun(OdinFolder):
     summary = "iSUN images downsampled to 32×32 (ODIN's iSUN); user-supplied"
     name = "isun"
@@ -380,10 +380,8 @@ class UserFolder(FileSource):
         return ImageSet(self.name, images, labels, info)
 
 
-def get_dataset(name: str):
+def get_dataset(name: str) -> DatasetSource:
     """The source registered as `name`, or a `UserFolder` for a parametric `folder:PATH`."""
-    from oodbench.data.base import DATASETS
-
     if name.startswith(FOLDER_PREFIX):
         path = name[len(FOLDER_PREFIX):]
         if not path:

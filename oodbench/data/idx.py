@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodbench.data.base import DataContext, DatasetInfo, ImageSet, register_dataset
+from oodbench.data.base import DATASETS, DataContext, DatasetInfo, ImageSet
 from oodbench.data.files import FileSource, Resource
 from oodbench.errors import OodbenchError
 
@@ -111,7 +111,7 @@ def _tv_how(cls: str, folder: str) -> str:
             f"four idx files (optionally .gz) in {folder}/raw/ under the data root")
 
 
-@register_dataset("mnist")
+@DATASETS.register("mnist")
 class Mnist(IdxSource):
     summary = "MNIST handwritten digits, 28×28 gray, 60k + 10k (idx)"
     name, folder, torchvision_class = "mnist", "MNIST", "MNIST"
@@ -123,7 +123,7 @@ class Mnist(IdxSource):
     obtain = _tv_how("MNIST", "MNIST")
 
 
-@register_dataset("fashionmnist")
+@DATASETS.register("fashionmnist")
 class FashionMnist(IdxSource):
     summary = "Fashion-MNIST clothing images, 28×28 gray, 60k + 10k (idx)"
     name, folder, torchvision_class = "fashionmnist", "FashionMNIST", "FashionMNIST"
@@ -137,7 +137,7 @@ class FashionMnist(IdxSource):
     obtain = _tv_how("FashionMNIST", "FashionMNIST")
 
 
-@register_dataset("kmnist")
+@DATASETS.register("kmnist")
 class Kmnist(IdxSource):
     summary = "Kuzushiji-MNIST cursive Japanese characters, 28×28 gray, 60k + 10k (idx)"
     name, folder, torchvision_class = "kmnist", "KMNIST", "KMNIST"
@@ -146,7 +146,7 @@ class Kmnist(IdxSource):
     obtain = _tv_how("KMNIST", "KMNIST")
 
 
-@register_dataset("notmnist")
+@DATASETS.register("notmnist")
 class NotMnist(IdxSource):
     summary = "notMNIST letters A-J in many fonts, 28×28 gray, test split only, 10k (idx)"
     name, folder = "notmnist", "notMNIST"

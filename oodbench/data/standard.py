@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodbench.data.base import DataContext, DatasetInfo, ImageSet, register_dataset
+from oodbench.data.base import DATASETS, DataContext, DatasetInfo, ImageSet
 from oodbench.data.decoded import cached_decode, stat_signature
 from oodbench.data.files import FileSource, Resource
 from oodbench.data.folders import CIFAR10_CLASSES
@@ -110,7 +110,7 @@ class CifarSource(FileSource):
             raise OodbenchError(f"downloading {self.name} failed: {e}", self.how_to_get()) from e
 
 
-@register_dataset("cifar10")
+@DATASETS.register("cifar10")
 class Cifar10(CifarSource):
     summary = "CIFAR-10 (official python pickles), 32×32 colour, 50k + 10k, 10 classes"
     name, folder, label_key, torchvision_class = "cifar10", "cifar-10-batches-py", "labels", \
@@ -126,7 +126,7 @@ class Cifar10(CifarSource):
                        std=(0.2470, 0.2435, 0.2616))
 
 
-@register_dataset("cifar100")
+@DATASETS.register("cifar100")
 class Cifar100(CifarSource):
     summary = "CIFAR-100 (official python pickles), 32×32 colour, 50k + 10k, 100 classes"
     name, folder, label_key, torchvision_class = "cifar100", "cifar-100-python", "fine_labels", \
@@ -155,7 +155,7 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1)).astype(np.uint8), labels
 
 
-@register_dataset("svhn")
+@DATASETS.register("svhn")
 class Svhn(FileSource):
     summary = "SVHN cropped house-number digits (.mat), 32×32 colour, 73,257 + 26,032, 10 classes"
     splits = ("train", "test")

@@ -12,7 +12,8 @@ activation) declare what they need in `criterion.aux` and implement `training_lo
     loss = criterion.training_loss(out, targets)
 
 The trainer always uses this second form; for losses without auxiliary needs it equals the first.
-`LOSSES` maps a name to its `LossSpec`; adding a loss is one module and one `LOSSES.add`.
+`LOSSES` maps a name to its `LossSpec`; adding a loss is one module whose criterion class is
+decorated `@LOSSES.register("name", head=..., summary=...)`.
 """
 
 from __future__ import annotations
@@ -57,4 +58,10 @@ class LossSpec:
     block_activation: str = "relu"
 
 
-LOSSES: Registry[LossSpec] = Registry("loss")
+def _loss_spec(criterion: Callable[..., Criterion], *, head: Callable[[int, int], nn.Module],
+               summary: str, block_activation: str = "relu") -> LossSpec:
+    """The registry entry of a decorated criterion class."""
+    return LossSpec(head, criterion, summary, block_activation)
+
+
+LOSSES: Registry[LossSpec] = Registry("loss", entry=_loss_spec)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodbench.losses.base import LOSSES, Criterion, LossSpec
+from oodbench.losses.base import LOSSES, Criterion
 from oodbench.losses.isomax import pairwise_distances
 
 ENTROPIC_SCALE = 10.0
@@ -70,6 +70,8 @@ def mosaic(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, t
     return x, quad_targets
 
 
+@LOSSES.register("dismax", head=DisMaxHead,
+                 summary="DisMax: isometric distances to all prototypes + FPR mosaics")
 class DisMaxLoss(Criterion):
     """Replaces `nn.CrossEntropyLoss()`. Targets: class indices (B,) or quadrant classes (B, 4)
     from `preprocess`, where the first B//2 rows are clean and the rest are mosaics."""
@@ -98,6 +100,3 @@ class DisMaxLoss(Criterion):
         kl = F.kl_div(log_p[half:], target_dist, reduction="batchmean")
         return (clean + self.alpha * kl) / 2
 
-
-LOSSES.add("dismax", LossSpec(DisMaxHead, DisMaxLoss,
-                              "DisMax: isometric distances to all prototypes + FPR mosaics"))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodbench.losses.base import LOSSES, Criterion, LossSpec
+from oodbench.losses.base import LOSSES, Criterion
 
 ENTROPIC_SCALE = 10.0
 
@@ -54,6 +54,11 @@ class IsoMaxPlusHead(nn.Module):
         return -self.distance_scale.abs() * d
 
 
+@LOSSES.register("isomax", head=IsoMaxHead,
+                 summary="IsoMax: −Euclidean distance to prototypes, entropic scale 10")
+@LOSSES.register("isomaxplus", head=IsoMaxPlusHead,
+                 summary="IsoMax+: −scaled distance of normalised features/prototypes, "
+                 "entropic scale 10")
 class EntropicCrossEntropy(Criterion):
     """Replaces `nn.CrossEntropyLoss()`: cross-entropy of `entropic_scale` × logits."""
 
@@ -64,9 +69,3 @@ class EntropicCrossEntropy(Criterion):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.entropic_scale * logits.float(), targets)
 
-
-LOSSES.add("isomax", LossSpec(IsoMaxHead, EntropicCrossEntropy,
-                              "IsoMax: −Euclidean distance to prototypes, entropic scale 10"))
-LOSSES.add("isomaxplus", LossSpec(
-    IsoMaxPlusHead, EntropicCrossEntropy,
-    "IsoMax+: −scaled distance of normalised features/prototypes, entropic scale 10"))

@@ -30,13 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodbench.errors import OodbenchError
-from oodbench.losses.base import LOSSES, Criterion, LossSpec
+from oodbench.losses.base import LOSSES, Criterion
 from oodbench.models.activations import ACTIVATION_ENTROPY
 
 if TYPE_CHECKING:
     from oodbench.models.base import ModelOutput
 
 
+@LOSSES.register("logsoftmax-resnet", head=nn.Linear, block_activation="logsoftmax",
+                 summary="log-softmax ResNet (MiSP thesis): channel log-softmax after each "
+                 "residual addition; option entropy_weight λ")
 class LogSoftmaxResNetLoss(Criterion):
     """Cross-entropy plus λ × the summed channel entropy of the block activations."""
 
@@ -63,8 +66,3 @@ class LogSoftmaxResNetLoss(Criterion):
             loss = loss + self.entropy_weight * output.aux[ACTIVATION_ENTROPY].float().mean()
         return loss
 
-
-LOSSES.add("logsoftmax-resnet", LossSpec(
-    nn.Linear, LogSoftmaxResNetLoss,
-    "log-softmax ResNet (MiSP thesis): channel log-softmax after each residual addition; "
-    "option entropy_weight λ", block_activation="logsoftmax"))

@@ -6,14 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodbench.losses.base import LOSSES, Criterion, LossSpec
+from oodbench.losses.base import LOSSES, Criterion
 
 
+@LOSSES.register("softmax", head=nn.Linear, summary="linear head + cross-entropy (baseline)")
 class SoftMaxLoss(Criterion):
     """Cross-entropy; accepts class indices."""
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets)
 
-
-LOSSES.add("softmax", LossSpec(nn.Linear, SoftMaxLoss, "linear head + cross-entropy (baseline)"))

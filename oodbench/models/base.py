@@ -113,7 +113,9 @@ def check_block_activation(model: str, block_activation: str, loss: str | None =
             f"use one of these models: {', '.join(able)}")
 
 
-MODELS: Registry[ModelSpec] = Registry("model")
+# `@MODELS.register(name, summary=..., image_sizes=..., block_activations=...)` on a backbone
+# factory stores `ModelSpec(factory, summary=..., ...)`.
+MODELS: Registry[ModelSpec] = Registry("model", entry=ModelSpec)
 
 
 def build_classifier(model: str, head_factory: Callable[[int, int], nn.Module], num_classes: int,

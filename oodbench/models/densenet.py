@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodbench.models.base import MODELS, Backbone, ModelSpec
+from oodbench.models.base import MODELS, Backbone
 
 
 class Bottleneck(nn.Module):
@@ -88,6 +88,7 @@ class DenseNetBC(Backbone):
         return x.mean(dim=(2, 3)), out
 
 
-MODELS.add("densenet100", ModelSpec(
-    lambda c, s: DenseNetBC(100, 12, c),
-    "DenseNet-BC-100, k = 12 (0.8M parameters), the ODIN/Mahalanobis network; a GPU model"))
+@MODELS.register("densenet100", summary="DenseNet-BC-100, k = 12 (0.8M parameters), the "
+                 "ODIN/Mahalanobis network; a GPU model")
+def densenet100(in_channels: int, image_size: int) -> DenseNetBC:
+    return DenseNetBC(100, 12, in_channels)

@@ -36,7 +36,18 @@ class CheckpointFormat:
     summary: str
 
 
-CHECKPOINT_FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format")
+def _checkpoint_format(convert: Callable[[dict[str, Any]], dict[str, torch.Tensor]], *,
+                       detect: Callable[[dict[str, Any]], bool], mean: tuple[float, ...],
+                       std: tuple[float, ...], models: tuple[str, ...], summary: str
+                       ) -> CheckpointFormat:
+    """The registry entry of a decorated `convert` function."""
+    return CheckpointFormat(detect, convert, mean, std, models, summary)
+
+
+# `@CHECKPOINT_FORMATS.register(name, detect=..., mean=..., std=..., models=..., summary=...)`
+# on the format's convert function.
+CHECKPOINT_FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format",
+                                                          entry=_checkpoint_format)
 
 
 def _akamaster_detect(raw: dict[str, Any]) -> bool:
@@ -44,6 +55,11 @@ def _akamaster_detect(raw: dict[str, Any]) -> bool:
     return isinstance(sd, dict) and "module.linear.weight" in sd and "module.conv1.weight" in sd
 
 
+@CHECKPOINT_FORMATS.register(
+    "akamaster", detect=_akamaster_detect, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    models=("resnet20", "resnet32", "resnet44", "resnet56"),
+    summary="akamaster/pytorch_resnet_cifar10 ResNet-20/32/44/56 (CIFAR-10, ImageNet "
+    "normalisation)")
 def _akamaster_convert(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, value in raw["state_dict"].items():
@@ -58,12 +74,6 @@ def _akamaster_convert(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
             out.setdefault(key.removesuffix("running_mean") + "num_batches_tracked",
                            torch.tensor(0, dtype=torch.long))
     return out
-
-
-CHECKPOINT_FORMATS.add("akamaster", CheckpointFormat(
-    _akamaster_detect, _akamaster_convert, IMAGENET_MEAN, IMAGENET_STD,
-    ("resnet20", "resnet32", "resnet44", "resnet56"),
-    "akamaster/pytorch_resnet_cifar10 ResNet-20/32/44/56 (CIFAR-10, ImageNet normalisation)"))
 
 
 def read_foreign_checkpoint(path: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodbench.models.activations import make_activation
-from oodbench.models.base import MODELS, Backbone, ModelSpec
+from oodbench.models.base import MODELS, Backbone
 
 
 class PadShortcut(nn.Module):
@@ -86,9 +86,16 @@ class CifarResNet(Backbone):
 
 
 BOTH = ("relu", "logsoftmax")
-MODELS.add("resnet18", ModelSpec(
-    lambda c, s, block_activation="relu": CifarResNet((2, 2, 2, 2), c, block_activation),
-    "CIFAR ResNet-18 (11M parameters); a GPU model", block_activations=BOTH))
-MODELS.add("resnet34", ModelSpec(
-    lambda c, s, block_activation="relu": CifarResNet((3, 4, 6, 3), c, block_activation),
-    "CIFAR ResNet-34 (21M parameters), the papers' model; a GPU model", block_activations=BOTH))
+
+
+@MODELS.register("resnet18", summary="CIFAR ResNet-18 (11M parameters); a GPU model",
+                 block_activations=BOTH)
+def resnet18(in_channels: int, image_size: int, block_activation: str = "relu") -> CifarResNet:
+    return CifarResNet((2, 2, 2, 2), in_channels, block_activation)
+
+
+@MODELS.register("resnet34",
+                 summary="CIFAR ResNet-34 (21M parameters), the papers' model; a GPU model",
+                 block_activations=BOTH)
+def resnet34(in_channels: int, image_size: int, block_activation: str = "relu") -> CifarResNet:
+    return CifarResNet((3, 4, 6, 3), in_channels, block_activation)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodbench.models.base import MODELS, Backbone, ModelSpec
+from oodbench.models.base import MODELS, Backbone
 from oodbench.models.resnet import BasicBlock
 
 
@@ -51,12 +51,29 @@ class HeResNet(Backbone):
         return x.mean(dim=(2, 3)), blocks
 
 
-def _register(depth: int, params: str) -> None:
-    MODELS.add(f"resnet{depth}", ModelSpec(
-        lambda c, s, block_activation="relu": HeResNet(depth, c, block_activation),
-        f"He et al. CIFAR ResNet-{depth} ({params} parameters), option-A shortcuts; loads the "
-        "akamaster pretrained checkpoints", block_activations=("relu", "logsoftmax")))
+BOTH = ("relu", "logsoftmax")
 
 
-for _depth, _params in ((20, "0.27M"), (32, "0.46M"), (44, "0.66M"), (56, "0.85M")):
-    _register(_depth, _params)
+def _summary(depth: int, params: str) -> str:
+    return (f"He et al. CIFAR ResNet-{depth} ({params} parameters), option-A shortcuts; loads "
+            "the akamaster pretrained checkpoints")
+
+
+@MODELS.register("resnet20", summary=_summary(20, "0.27M"), block_activations=BOTH)
+def resnet20(in_channels: int, image_size: int, block_activation: str = "relu") -> HeResNet:
+    return HeResNet(20, in_channels, block_activation)
+
+
+@MODELS.register("resnet32", summary=_summary(32, "0.46M"), block_activations=BOTH)
+def resnet32(in_channels: int, image_size: int, block_activation: str = "relu") -> HeResNet:
+    return HeResNet(32, in_channels, block_activation)
+
+
+@MODELS.register("resnet44", summary=_summary(44, "0.66M"), block_activations=BOTH)
+def resnet44(in_channels: int, image_size: int, block_activation: str = "relu") -> HeResNet:
+    return HeResNet(44, in_channels, block_activation)
+
+
+@MODELS.register("resnet56", summary=_summary(56, "0.85M"), block_activations=BOTH)
+def resnet56(in_channels: int, image_size: int, block_activation: str = "relu") -> HeResNet:
+    return HeResNet(56, in_channels, block_activation)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodbench.models.activations import make_activation
-from oodbench.models.base import MODELS, Backbone, ModelSpec
+from oodbench.models.base import MODELS, Backbone
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -73,15 +73,22 @@ class SmallCNN(Backbone):
 
 
 BOTH = ("relu", "logsoftmax")
-MODELS.add("smallcnn8", ModelSpec(
-    lambda c, s, block_activation="relu": SmallCNN(c, (32, 64, 128), (1,), block_activation),
-    "3-stage residual CNN for 8×8 inputs (digits); ~0.3M parameters", image_sizes=(8,),
-    block_activations=BOTH))
-MODELS.add("smallcnn28", ModelSpec(
-    lambda c, s, block_activation="relu": SmallCNN(c, (32, 64, 128), (0, 1), block_activation),
-    "3-stage residual CNN for 28×28 inputs (MNIST family); ~0.3M parameters",
-    image_sizes=(28,), block_activations=BOTH))
-MODELS.add("tinycnn28", ModelSpec(
-    lambda c, s, block_activation="relu": SmallCNN(c, (16, 32, 64), (0, 1), block_activation),
-    "3-stage residual CNN, widths 16/32/64, for 28×28 inputs: the MNIST benchmarks on a CPU; "
-    "~0.07M parameters", image_sizes=(28,), block_activations=BOTH))
+
+
+@MODELS.register("smallcnn8", image_sizes=(8,), block_activations=BOTH,
+                 summary="3-stage residual CNN for 8×8 inputs (digits); ~0.3M parameters")
+def smallcnn8(in_channels: int, image_size: int, block_activation: str = "relu") -> SmallCNN:
+    return SmallCNN(in_channels, (32, 64, 128), (1,), block_activation)
+
+
+@MODELS.register("smallcnn28", image_sizes=(28,), block_activations=BOTH,
+                 summary="3-stage residual CNN for 28×28 inputs (MNIST family); ~0.3M parameters")
+def smallcnn28(in_channels: int, image_size: int, block_activation: str = "relu") -> SmallCNN:
+    return SmallCNN(in_channels, (32, 64, 128), (0, 1), block_activation)
+
+
+@MODELS.register("tinycnn28", image_sizes=(28,), block_activations=BOTH,
+                 summary="3-stage residual CNN, widths 16/32/64, for 28×28 inputs: the MNIST "
+                 "benchmarks on a CPU; ~0.07M parameters")
+def tinycnn28(in_channels: int, image_size: int, block_activation: str = "relu") -> SmallCNN:
+    return SmallCNN(in_channels, (16, 32, 64), (0, 1), block_activation)

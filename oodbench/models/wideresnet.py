@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodbench.models.base import MODELS, Backbone, ModelSpec
+from oodbench.models.base import MODELS, Backbone
 
 
 class WideBlock(nn.Module):
@@ -72,6 +72,7 @@ class WideResNet(Backbone):
         return x.mean(dim=(2, 3)), out
 
 
-MODELS.add("wrn28-10", ModelSpec(
-    lambda c, s: WideResNet(28, 10, c, 0.3),
-    "WideResNet-28-10 with dropout 0.3 (36M parameters), the ODIN network; a GPU model"))
+@MODELS.register("wrn28-10", summary="WideResNet-28-10 with dropout 0.3 (36M parameters), the "
+                 "ODIN network; a GPU model")
+def wrn28_10(in_channels: int, image_size: int) -> WideResNet:
+    return WideResNet(28, 10, in_channels, 0.3)
