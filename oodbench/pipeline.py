@@ -22,7 +22,7 @@ from oodbench.cache import OutputCache, code_digest, model_digest
 from oodbench.calibrate import fit_temperature
 from oodbench.data import DataContext, get_dataset
 from oodbench.errors import OodbenchError
-from oodbench.experiment import build_model, load_in_distribution
+from oodbench.experiment import build_model, check_run_config, load_in_distribution
 from oodbench.io import atomic_write, read_json, write_json
 from oodbench.provenance import run_provenance
 from oodbench.runs import Run, load_weights
@@ -55,7 +55,7 @@ def environment() -> dict[str, Any]:
 def load_run(run: Run, device: torch.device, progress: ProgressFactory = no_progress,
              batch_size: int | None = None) -> LoadedRun:
     """The run's finished model on `device`, with its cache and inference batch size."""
-    cfg = run.config()
+    cfg = check_run_config(run.config(), str(run.config_path))
     state = run.require_checkpoint()
     if not state.get("finished"):
         raise OodbenchError(f"{run.path} has not finished training",

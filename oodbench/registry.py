@@ -54,11 +54,6 @@ class Registry(Generic[T]):
         self._members[name] = member
         return member
 
-    def add(self, name: str, member: T) -> T:
-        """Transitional, for oodbench.detectors until it registers with `register`; new code
-        must use the decorator (one registration style everywhere)."""
-        return self._add(name, member)
-
     def get(self, name: str) -> T:
         try:
             return self._members[name]

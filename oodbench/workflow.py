@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
-from oodbench.config import BenchmarkConfig, RunConfig, load_benchmark
+from oodbench.config import BenchmarkConfig, RunConfig
 from oodbench.data import DataContext
 from oodbench.data.availability import require_benchmark_data
 from oodbench.errors import OodbenchError
+from oodbench.experiment import check_run_config, load_checked_benchmark
 from oodbench.pipeline import calibrate_run, score_run
 from oodbench.runs import Run, default_run_dir
 from oodbench.scoring import ProgressFactory, no_progress
@@ -66,9 +67,9 @@ def prepare_run(req: TrainRequest, ctx: DataContext) -> Run:
     is written only after the config and the benchmark's data were checked."""
     if req.run_dir is not None and (req.run_dir / "config.yaml").exists() and not req.explicit:
         run = Run.open(req.run_dir)
-        make_criterion(run.config())
+        make_criterion(check_run_config(run.config(), str(run.config_path)))
         return run
-    bench = load_benchmark(req.benchmark or "digits")
+    bench = load_checked_benchmark(req.benchmark or "digits")
     cfg = run_config(bench, req.loss or "dismax", 0 if req.seed is None else req.seed,
                      req.epochs, req.loss_options)
     require_benchmark_data(bench, ctx)
@@ -120,10 +121,10 @@ class BenchmarkRequest:
 def benchmark_runs(req: BenchmarkRequest, ctx: DataContext) -> list[Run]:
     """Every (loss × seed) run of the benchmark, prepared (folders created only after every
     config and the data were checked, so a bad option leaves no half-made folder)."""
-    bench = load_benchmark(req.benchmark)
+    bench = load_checked_benchmark(req.benchmark)
     losses = req.losses or bench.losses
     seeds = bench.seeds[:req.seeds] if req.seeds else bench.seeds
-    configs = [run_config(load_benchmark(req.benchmark), loss, seed, req.epochs)
+    configs = [run_config(load_checked_benchmark(req.benchmark), loss, seed, req.epochs)
                for loss in losses for seed in seeds]
     require_benchmark_data(bench, ctx)
     return [Run.create(default_run_dir(cfg, req.runs_root), cfg) for cfg in configs]

@@ -99,9 +99,6 @@ def test_every_name_is_registered_literally(registry):
     assert _not_literal(registry) == []
 
 
-@pytest.mark.xfail(strict=True, reason="oodbench.detectors still registers intermediate-* names "
-                   "built in a loop and msp etc. through a helper; remove this mark once the "
-                   "detectors use @DETECTORS.register(\"name\")")
 def test_every_detector_name_is_registered_literally():
     assert _not_literal(DETECTORS) == []
 

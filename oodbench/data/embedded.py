@@ -89,9 +89,11 @@ class NaturalPatches(DatasetSource):
 
 
 class _Noise(DatasetSource):
-    """Seeded noise with the in-distribution set's shape (`like`)."""
+    """Seeded noise with the in-distribution set's shape (`like`). The "val" split is drawn
+    with another seed, so OOD validation never reuses a test image."""
 
     kind = ""
+    splits = ("test", "val")
 
     def info_for(self, like: DatasetInfo | None = None) -> DatasetInfo:
         like = like or DIGITS_INFO
@@ -100,7 +102,7 @@ class _Noise(DatasetSource):
     def load(self, split: str, ctx: DataContext, like: DatasetInfo | None = None) -> ImageSet:
         self.check_split(self.kind, split)
         info = self.info_for(like)
-        g = torch.Generator().manual_seed(SPLIT_SEED)
+        g = torch.Generator().manual_seed(SPLIT_SEED + (split == "val"))
         shape = (NOISE_COUNT, info.channels, info.image_size, info.image_size)
         if self.kind == "gaussian":
             x = torch.randn(shape, generator=g) * 64.0 + 127.5

@@ -1,0 +1,119 @@
+"""The command line as users run it: real processes, real exit codes (0 / 1 / 2), in an empty
+folder, exactly the CI usage `oodbench train --loss dismax && oodbench score --detector odin &&
+oodbench report`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from oodbench.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def oodbench(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "oodbench", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_the_ci_usage_works_in_an_empty_folder(tmp_path):
+    """Nothing else typed: the default benchmark (digits), the default runs root."""
+    r = oodbench("train", "--loss", "dismax", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = oodbench("score", "--detector", "odin", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "runs/digits/dismax-seed0" in r.stderr  # says which runs it chose
+    assert "no forward pass was run" not in r.stdout + r.stderr  # it ran ODIN's passes
+    r = oodbench("report", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "odin" in r.stdout and "AUROC" in r.stdout
+    # a gate that fails exits 1; bad input exits 2
+    assert oodbench("report", "--fail-under", "auroc:patches=0.9999",
+                    cwd=tmp_path).returncode == 1
+    bad = oodbench("score", "--detector", "nope", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown detector 'nope'" in bad.stderr
+    again = oodbench("score", "--detector", "msp", cwd=tmp_path)
+    assert again.returncode == 0 and "no forward pass was run" in again.stderr
+
+
+def test_score_without_runs_names_the_command_that_makes_one(tmp_path):
+    r = oodbench("score", "--detector", "odin", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "no run under runs/" in r.stderr and "oodbench train --loss dismax" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def _tiny_run(tmp_path: Path) -> Path:
+    cfg = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    cfg.update(name="my-copy", losses=["softmax"], detectors=["msp"])
+    cfg["train"]["epochs"] = 1
+    path = tmp_path / "copy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_corrupt_checkpoint_and_cache_give_exit_2_with_the_fix(tmp_path):
+    bench = _tiny_run(tmp_path)
+    assert oodbench("train", "--benchmark", bench, cwd=tmp_path).returncode == 0
+    run = tmp_path / "runs" / "my-copy" / "dismax-seed0"
+    assert oodbench("score", run, cwd=tmp_path).returncode == 0
+    entry = next(p for p in (run / "cache").iterdir() if (p / "logits.npy").exists())
+    logits = entry / "logits.npy"
+    logits.write_bytes(logits.read_bytes()[:-100])
+    r = oodbench("score", run, cwd=tmp_path)
+    assert r.returncode == 2 and "delete the folder" in r.stderr and "Traceback" not in r.stderr
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    r = oodbench("score", run, cwd=tmp_path)
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr
+    assert "train again" in r.stderr and "Traceback" not in r.stderr
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_run_with_epochs_and_with_a_copied_benchmark_file(tmp_path):
+    """`run --epochs 2` used to fail ("another configuration"), and so did a YAML file whose
+    `name` is not a registered benchmark."""
+    bench = _tiny_run(tmp_path)
+    r = invoke("run", bench, "--epochs", "2", "--runs-root", tmp_path / "runs")
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "runs" / "my-copy" / "softmax-seed0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["benchmark"]["train"]["epochs"] == 2
+    report = json.loads((tmp_path / "runs" / "my-copy" / "report.json").read_text())
+    assert report["groups"][0]["rows"][0]["seeds"] == [0]
+
+
+def test_bad_input_leaves_no_half_made_run_folder(tmp_path):
+    bench = _tiny_run(tmp_path)
+    r = invoke("run", bench, "--loss", "nope", "--runs-root", tmp_path / "runs")
+    assert r.exit_code == 2 and "unknown loss 'nope'" in r.output
+    r = invoke("train", "--benchmark", bench, "-o", "nosuch=1")
+    assert r.exit_code == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_score_and_calibrate_act_on_the_runs_under_the_runs_root(tmp_path):
+    bench = _tiny_run(tmp_path)
+    for seed in ("0", "1"):
+        assert invoke("train", "--benchmark", bench, "--loss", "softmax", "--seed",
+                      seed).exit_code == 0
+    r = invoke("calibrate", "--seed", "1")
+    assert r.exit_code == 0, r.output
+    assert "1 run(s)" in r.output and "softmax-seed1" in r.output
+    assert (tmp_path / "runs/my-copy/softmax-seed1/calibration.json").exists()
+    assert not (tmp_path / "runs/my-copy/softmax-seed0/calibration.json").exists()
+    r = invoke("score", "--loss", "softmax")
+    assert r.exit_code == 0 and "2 run(s)" in r.output
+    r = invoke("score", "--loss", "dismax")
+    assert r.exit_code == 2 and "matches loss dismax" in r.output

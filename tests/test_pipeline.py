@@ -1,0 +1,227 @@
+"""The scoring pipeline as it really runs: what reaches a fit, how many model calls a score makes,
+OOD validation kept apart from the test sets, and the phases called one by one from Python."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oodbench.config import RunConfig, load_benchmark
+from oodbench.data import DataContext, InputTransform
+from oodbench.detectors import DETECTORS
+from oodbench.errors import OodbenchError
+from oodbench.experiment import build_model, load_in_distribution, load_ood
+from oodbench.models import Classifier
+from oodbench.pipeline import score_run
+from oodbench.runs import Run
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def digits_run(tmp_path) -> Run:
+    """A digits softmax run trained for two quick Adam epochs (the detectors' inputs matter
+    here, not the training loop)."""
+    torch.manual_seed(0)
+    cfg = RunConfig(load_benchmark("digits"), "softmax", 0, {})
+    run = Run.create(tmp_path / "runs" / "r", cfg)
+    train = load_in_distribution(cfg, "train", DataContext.resolve(tmp_path / "data"))
+    tf = InputTransform.for_model(train.info)
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = tf(train.images), train.labels
+    for _ in range(2):
+        for i in range(0, len(y), 64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+            opt.step()
+    torch.save({"model": model.eval().state_dict(), "finished": True}, run.checkpoint_path)
+    return run
+
+
+def _row_hashes(images: torch.Tensor) -> set[str]:
+    rows = images.reshape(len(images), -1).cpu().numpy()
+    return {hashlib.sha256(r.tobytes()).hexdigest() for r in rows}
+
+
+def _ood_test_hashes(run: Run) -> set[str]:
+    cfg = run.config()
+    ctx = DataContext.resolve("unused")
+    out: set[str] = set()
+    for o in cfg.benchmark.ood:
+        out |= _row_hashes(load_ood(cfg, o, ctx)[0].images)
+    return out
+
+
+def _record_fit_inputs(monkeypatch, names: list[str]) -> list[set[str]]:
+    """Per fit/select call, the content hashes of the images behind every DetectorInput."""
+    seen: list[set[str]] = []
+    for name in names:
+        cls = DETECTORS.get(name)
+        for method in ("fit", "select"):
+            original = getattr(cls, method)
+
+            def wrapped(self, *args, _original=original, **kwargs):
+                for a in args:
+                    if a is not None and a.images is not None:
+                        seen.append(_row_hashes(a.images.images))
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(cls, method, wrapped)
+    return seen
+
+
+def test_no_fit_or_selection_sees_an_ood_test_image(digits_run, monkeypatch):
+    """Compared by image content, not by dataset name (train, val and test of `digits` share
+    one name)."""
+    dets = ["msp", "odin", "mahalanobis", "mahalanobis-ensemble", "intermediate-misp"]
+    seen = _record_fit_inputs(monkeypatch, dets)
+    m = score_run(digits_run, DataContext.resolve("unused"), CPU, dets, selection="fgsm",
+                  params={"odin": {"T_grid": [1000.0], "eps_grid": [0.0, 0.0014],
+                                   "search_samples": 100},
+                          "mahalanobis": {"eps_grid": [0.0, 0.001], "search_samples": 100},
+                          "mahalanobis-ensemble": {"search_samples": 100}})
+    assert seen, "fit / select were never called"
+    ood = _ood_test_hashes(digits_run)
+    cfg = digits_run.config()
+    test = _row_hashes(load_in_distribution(cfg, "test", DataContext.resolve("unused")).images)
+    for hashes in seen:
+        assert not hashes & ood and not hashes & test
+    for d in ("odin", "mahalanobis", "mahalanobis-ensemble"):
+        assert m["detectors"][d]["selection"]["negatives"] == "fgsm(digits)"
+        assert set(m["detectors"][d]["ood"]) == {"patches", "gaussian", "uniform"}
+
+
+def test_ood_validation_is_disjoint_from_every_test_set(digits_run, monkeypatch):
+    seen = _record_fit_inputs(monkeypatch, ["odin"])
+    m = score_run(digits_run, DataContext.resolve("unused"), CPU, ["odin"], selection="ood",
+                  ood_validation="gaussian",
+                  params={"odin": {"T_grid": [1000.0], "eps_grid": [0.0, 0.0014],
+                                   "search_samples": 100}})
+    assert m["detectors"]["odin"]["selection"]["negatives"] == "gaussian-validation"
+    ood = _ood_test_hashes(digits_run)
+    assert len(seen) == 2 and all(not h & ood for h in seen)  # val, and gaussian's val split
+
+
+def test_ood_validation_without_a_free_split_is_refused(digits_run):
+    with pytest.raises(OodbenchError, match="cannot also validate"):
+        score_run(digits_run, DataContext.resolve("unused"), CPU, ["odin"], selection="ood",
+                  ood_validation="patches")
+
+
+def test_overlapping_ood_validation_is_refused_by_content():
+    from oodbench.data import ImageSet
+    from oodbench.data.embedded import DIGITS_INFO
+    from oodbench.scoring import EvalSet, check_disjoint
+
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    tf = InputTransform.for_model(DIGITS_INFO)
+    labels = torch.full((3,), -1)
+    val = EvalSet(ImageSet("v", images[:3], labels, DIGITS_INFO), tf, "ood-validation")
+    other = EvalSet(ImageSet("x", images[3:], labels, DIGITS_INFO), tf, "ood")
+    clash = EvalSet(ImageSet("y", images[2:5], labels, DIGITS_INFO), tf, "ood")
+    check_disjoint(val, [other])  # disjoint: accepted
+    with pytest.raises(OodbenchError, match="shares 1 image"):
+        check_disjoint(val, [other, clash])
+
+
+@pytest.fixture
+def model_calls(monkeypatch):
+    """Images through the model, counted on the class (independently of oodbench's counter)."""
+    calls = {"images": 0}
+    forward_all, forward = Classifier.forward_all, Classifier.forward
+
+    def counting_all(self, x, *a, **k):
+        calls["images"] += len(x)
+        return forward_all(self, x, *a, **k)
+
+    def counting(self, x):
+        calls["images"] += len(x)
+        return forward(self, x)
+
+    monkeypatch.setattr(Classifier, "forward_all", counting_all)
+    monkeypatch.setattr(Classifier, "forward", counting)
+    return calls
+
+
+def test_a_second_score_calls_the_model_only_for_gradient_detectors(digits_run, model_calls):
+    ctx = DataContext.resolve("unused")
+    first = score_run(digits_run, ctx, CPU, ["msp", "energy", "mahalanobis"], batch_size=128)
+    assert model_calls["images"] > 0 and first["images_forwarded"] == model_calls["images"]
+    model_calls["images"] = 0
+    again = score_run(digits_run, ctx, CPU, ["msp", "entropy", "mahalanobis"], batch_size=128)
+    assert model_calls["images"] == 0 and again["images_forwarded"] == 0
+    assert all("from the cache" in line for line in again["forward_log"])
+    with_odin = score_run(digits_run, ctx, CPU, ["msp", "odin"], batch_size=128)
+    assert model_calls["images"] > 0 and with_odin["images_forwarded"] == model_calls["images"]
+
+
+def test_odin_with_gradient_free_detectors_costs_no_extra_pass(digits_run, model_calls):
+    """On a cold cache, ODIN alone and ODIN + msp/energy/mahalanobis-on-a-block make the same
+    model calls on the test and OOD sets: ODIN's clean forward fills the cache."""
+    import shutil
+
+    ctx = DataContext.resolve("unused")
+    score_run(digits_run, ctx, CPU, ["odin"], batch_size=128)
+    alone = model_calls["images"]
+    odin_alone = np.load(digits_run.scores_dir / "odin" / "gaussian.npy")
+    shutil.rmtree(digits_run.cache_dir)
+    model_calls["images"] = 0
+    m = score_run(digits_run, ctx, CPU, ["odin", "msp", "energy", "intermediate-misp"],
+                  batch_size=128)
+    assert model_calls["images"] == alone
+    np.testing.assert_array_equal(np.load(digits_run.scores_dir / "odin" / "gaussian.npy"),
+                                  odin_alone)
+    assert m["detectors"]["msp"]["cost"] >= 1.0 and m["detectors"]["odin"]["cost"] > 1.5
+
+
+def test_odin_scores_from_the_shared_forward_equal_standalone_scores(digits_run):
+    """The pipeline's batched shared forward and the detector's own `score` agree."""
+    from oodbench.detectors import DetectorInput, create
+
+    ctx = DataContext.resolve("unused")
+    score_run(digits_run, ctx, CPU, ["odin"], batch_size=64)
+    cfg = digits_run.config()
+    data, tf = load_ood(cfg, cfg.benchmark.ood[1], ctx)
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(digits_run.checkpoint_path, weights_only=True)["model"])
+    standalone = create("odin")(DetectorInput(data.name, None, data.labels, model=model.eval(),
+                                              images=data, transform=tf, device=CPU))
+    saved = np.load(digits_run.scores_dir / "odin" / f"{data.name}.npy")
+    np.testing.assert_allclose(saved, standalone.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_phases_run_one_by_one_from_python(digits_run):
+    """What `score_run` strings together, a user can call step by step."""
+    from oodbench.pipeline import load_run
+    from oodbench.scoring import (
+        build_detectors,
+        fit_select,
+        forward_eval,
+        load_sets,
+        plan,
+        score_sets,
+    )
+
+    lr = load_run(digits_run, CPU, batch_size=100)
+    p = plan(build_detectors(["maxlogit", "mahalanobis"]), lr.model.block_names)
+    assert p.eval_keys == {"logits", "features"} and p.fitting == ["mahalanobis"]
+    sets = load_sets(digits_run.config(), p, DataContext.resolve("unused"), CPU)
+    fit_select(lr, p, sets)
+    results = [forward_eval(lr, p, s) for s in sets.evaluated]
+    scores = score_sets(lr, p, results)
+    logits = results[0].outputs.logits.double()
+    np.testing.assert_allclose(scores["maxlogit"].per_set["digits"],
+                               logits.max(dim=1).values.numpy())
