@@ -138,11 +138,12 @@ class _NaNOnNoise(Detector):
         return s
 
 
-def test_nonfinite_scores_are_reported_with_count_and_detector(digits_run):
+def test_nonfinite_scores_are_reported_with_count_and_detector(digits_run, monkeypatch):
     from oodbench.pipeline import score_run
 
-    if "test-nan" not in DETECTORS:
-        DETECTORS.register("test-nan")(_NaNOnNoise)
+    # registered for this test only (the registry is global; other tests list its names)
+    monkeypatch.setattr(DETECTORS, "_members", dict(DETECTORS._members))
+    DETECTORS.register("test-nan")(_NaNOnNoise)
     m = score_run(digits_run, DataContext.resolve("unused"), torch.device("cpu"),
                   ["test-nan", "maxlogit"])
     r = m["detectors"]["test-nan"]
