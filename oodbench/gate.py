@@ -42,7 +42,7 @@ class Cell:
 
     @property
     def where(self) -> str:
-        return " · ".join(v for v in self.labels.values() if v)
+        return " · ".join(v for k, v in self.labels.items() if v and not k.endswith("_name"))
 
 
 def parse_gate(spec: str, under: bool) -> Gate:
@@ -66,6 +66,11 @@ def parse_gate(spec: str, under: bool) -> Gate:
     return Gate(metric, tuple(q for q in qualifiers if q), threshold, under)
 
 
+def _base(label: str) -> str:
+    """"msp [train.epochs=2]" → "msp": a gate on a name covers every variant of it."""
+    return label.split(" [", 1)[0]
+
+
 def cells(report: dict[str, Any], metric: str) -> Iterator[Cell]:
     """Every cell of `metric` in the report, with the labels a qualifier can match."""
     for g in report["groups"]:
@@ -75,11 +80,12 @@ def cells(report: dict[str, Any], metric: str) -> Iterator[Cell]:
             for loss, c in g["classification"].items():
                 for state in ("uncalibrated", "calibrated"):
                     if metric in c.get(state, {}):
-                        yield Cell({**base, "loss": loss, "state": state},
-                                   c[state][metric]["mean"])
+                        yield Cell({**base, "loss": loss, "loss_name": _base(loss),
+                                    "state": state}, c[state][metric]["mean"])
             continue
         for r in g["rows"]:
-            row = {**base, "loss": r["loss"], "detector": r["detector"]}
+            row = {**base, "loss": r["loss"], "detector": r["detector"],
+                   "detector_name": _base(r["detector"])}
             if metric == "cost":
                 if "cost" in r:
                     yield Cell(row, r["cost"]["mean"])

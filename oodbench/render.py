@@ -183,6 +183,7 @@ def to_markdown(tables: list[TableModel], heading: str) -> str:
 
 
 def to_rich(tables: list[TableModel]) -> list[Any]:
+    from rich.markup import escape
     from rich.table import Table
 
     out = []
@@ -191,7 +192,8 @@ def to_rich(tables: list[TableModel]) -> list[Any]:
         for i, h in enumerate(t.headers):
             table.add_column(h, justify="right" if i >= t.right_from else "left")
         for cells, emph in zip(t.rows, t.emphasis, strict=True):
-            table.add_row(*[f"[bold green]{c}[/]" if e else c
+            # names such as "msp [calibrated]" are text, not rich markup
+            table.add_row(*[f"[bold green]{escape(c)}[/]" if e else escape(c)
                             for c, e in zip(cells, emph, strict=True)])
         out.append(table)
     return out

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.markup import escape
+
 from oodbench.errors import OodbenchError
 from oodbench.gate import evaluate, parse_gate
 from oodbench.io import write_json, write_text
@@ -112,7 +114,8 @@ def run_report(paths: list[Path], o: ReportOptions) -> int:
         failed = evaluate(rep.to_dict(), gates)
         if failed:
             for gate, cell in failed:
-                console.print(f"[bold red]FAIL[/] {gate.text}: {cell.where} = {cell.value:.4g}")
+                console.print(f"[bold red]FAIL[/] {escape(gate.text)}: {escape(cell.where)} = "
+                              f"{cell.value:.4g}")
             console.print(f"[bold red]{len(failed)} cell(s) failed the gates")
             return 1
         console.print(f"[green]all {len(gates)} gate(s) passed")

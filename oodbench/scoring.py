@@ -359,7 +359,7 @@ def shared_pass(lr: LoadedRun, p: Plan, es: EvalSet, writer: EntryWriter | None,
         for i, start in enumerate(range(0, n, bs)):
             x, out, seconds = _recorded_forward(lr, es, start, taps, writer)
             result.forward_seconds += seconds
-            if n <= PROBE_EVERY * bs or i % PROBE_EVERY == 1:  # small sets: every batch
+            if i % PROBE_EVERY == min(1, (n - 1) // bs):  # batch 1, 9, 17... (0 if alone)
                 probe["recorded"] += seconds
                 probe["plain"] += _plain_forward_seconds(lr, x)
             for name, det in dets.items():

@@ -203,3 +203,18 @@ def test_shortened_labels_that_coincide_are_numbered(tmp_path: Path):
     assert labels == ["a=0, b=0, c=0, d=0, +1 more", "a=1, b=1, c=1, d=1, +1 more",
                       "a=1, b=1, c=1, d=1, +1 more (variant 2)"]
     assert parts[2].settings == {f"config.{k}": 1 for k in "abcde"}
+
+
+def test_a_gate_on_a_detector_name_covers_every_variant(tmp_path: Path):
+    root = tmp_path / "runs"
+    for epochs in (2, 30):
+        for seed in (0, 1):
+            edit(write_run(root / f"e{epochs}", "dismax", seed, 1.0 + epochs / 10),
+                 with_config(epochs, [0, 1]))
+    worst = min(np.mean([metrics_of(root / f"e{e}" / f"dismax-seed{s}")["detectors"]["msp"]
+                         ["ood"]["gaussian"]["auroc"] for s in (0, 1)]) for e in (2, 30))
+    ok = invoke(root, "--no-write", "--fail-under", f"auroc:msp:gaussian={worst - 1e-6}")
+    assert ok.exit_code == 0, ok.output
+    bad = invoke(root, "--no-write", "--fail-under", f"auroc:msp:gaussian={worst + 1e-6}")
+    assert bad.exit_code == 1 and "dismax · msp [train.epochs=2] · gaussian" in " ".join(
+        bad.output.split())
