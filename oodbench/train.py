@@ -107,6 +107,112 @@ def save_checkpoint(run: Run, state: dict[str, Any]) -> None:
     atomic_write(run.checkpoint_path, lambda p: torch.save(state, p))
 
 
+class _Trainer:
+    """One run's training state and its steps; `train` drives it. Split so each piece (setup,
+    resume, a step, an epoch) reads on its own; the arithmetic is the loop's, unchanged."""
+
+    def __init__(self, run: Run, ctx: DataContext, device: torch.device,
+                 mixed_precision: bool | None) -> None:
+        self.run, self.device = run, device
+        self.cfg: RunConfig = run.config()
+        t = self.t = self.cfg.benchmark.train
+        self.transform = InputTransform.for_model(in_distribution_info(self.cfg))
+        self.train_set = load_in_distribution(self.cfg, "train", ctx).to(device)
+        self.val_set = load_in_distribution(self.cfg, "val", ctx).to(device)
+        torch.manual_seed(self.cfg.seed)
+        self.amp_dtype = precision_for(device, mixed_precision)
+        self.model = build_model(self.cfg).to(device)
+        if self.amp_dtype is not None:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.criterion = make_criterion(self.cfg).to(device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=t.lr, momentum=t.momentum,
+                                         nesterov=t.nesterov, weight_decay=t.weight_decay)
+        self.n = len(self.train_set)
+        self.bs = min(t.batch_size, self.n)
+        # drop the ragged last batch: BatchNorm needs real batches
+        self.steps_per_epoch = max(1, self.n // self.bs)
+        self.epoch, self.step, self.history = 0, 0, []
+        self.partial: dict[str, Any] = {"loss_sum": 0.0, "correct": 0.0, "seen": 0}
+
+    def resume(self) -> bool:
+        """Load the checkpoint's position; True when the run is already finished."""
+        if not self.run.checkpoint_path.exists():
+            return False
+        state = self.run.require_checkpoint()
+        if state.get("finished"):
+            self.history = list(state["history"])
+            return True
+        load_weights(self.model, state["model"], str(self.run.checkpoint_path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        self.partial = dict(state.get("partial") or self.partial)
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        return False
+
+    def save(self, finished: bool = False) -> None:
+        save_checkpoint(self.run, _checkpoint(self.model, self.optimizer, self.epoch, self.step,
+                                              self.history, finished, self.partial, self.scaler))
+
+    def train_step(self, perm: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor, int]:
+        """One optimiser step on the step's batch; returns (loss, output, targets, batch size)."""
+        t = self.t
+        torch.manual_seed(step_seed(self.cfg.seed, self.epoch, self.step))
+        idx = perm[self.step * self.bs:(self.step + 1) * self.bs]
+        x = augment(self.train_set.images[idx], t.crop_padding, t.flip)
+        x, targets = self.criterion.preprocess(self.transform(x), self.train_set.labels[idx])
+        if self.amp_dtype is not None:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(t, self.epoch * self.steps_per_epoch + self.step,
+                                        self.steps_per_epoch)
+        with (torch.autocast(self.device.type, dtype=self.amp_dtype)
+              if self.amp_dtype is not None else contextlib.nullcontext()):
+            out = self.model.forward_all(x, aux=self.criterion.aux)
+            loss = self.criterion.training_loss(out, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.criterion.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.criterion.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return loss, out, targets, len(idx)
+
+    def run_epoch(self, reporter: StepReporter, after_step: Callable[[], None]) -> EpochStats:
+        """The rest of the current epoch (from a mid-epoch position after a resume)."""
+        dev = self.device
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(
+            step_seed(self.cfg.seed, self.epoch))).to(dev)
+        self.model.train()
+        self.criterion.train()
+        p = self.partial
+        loss_sum = torch.full((), p["loss_sum"], device=dev, dtype=torch.float64)
+        correct = torch.full((), p["correct"], device=dev, dtype=torch.float64)
+        seen, counted = int(p["seen"]), int(p.get("counted", p["seen"]))
+        seen_now, tic = 0, time.perf_counter()  # images this call, for the speed
+        while self.step < self.steps_per_epoch:
+            loss, out, targets, k = self.train_step(perm)
+            seen, seen_now = seen + k, seen_now + k
+            loss_sum += loss.detach().double() * k
+            clean = clean_rows(targets)
+            counted += int(clean.sum())
+            hard = targets if targets.dim() == 1 else targets[:, 0]
+            correct += ((out.logits.detach().argmax(1) == hard) & clean).sum()
+            reporter.step(float(loss.detach()), float(correct) / max(counted, 1),
+                          seen_now / max(time.perf_counter() - tic, 1e-9))
+            self.partial = {"loss_sum": float(loss_sum), "correct": float(correct),
+                            "seen": seen, "counted": counted}
+            after_step()
+        return EpochStats(self.epoch + 1, float(loss_sum) / max(seen, 1),
+                          float(correct) / max(counted, 1),
+                          evaluate_accuracy(self.model, self.val_set, self.transform),
+                          seen_now / max(time.perf_counter() - tic, 1e-9))
+
+
 def train(run: Run, ctx: DataContext, device: torch.device,
           reporter: StepReporter | None = None,
           stop_after_steps: int | None = None,
@@ -118,111 +224,37 @@ def train(run: Run, ctx: DataContext, device: torch.device,
     and raises KeyboardInterrupt after that many steps in this call. `mixed_precision` (default:
     on for CUDA) also switches on channels_last; it is ignored off CUDA.
     """
-    cfg: RunConfig = run.config()
-    t = cfg.benchmark.train
+    tr = _Trainer(run, ctx, device, mixed_precision)
+    if tr.resume():
+        return tr.history
     reporter = reporter or StepReporter()
-    info = in_distribution_info(cfg)
-    transform = InputTransform.for_model(info)
-    train_set = load_in_distribution(cfg, "train", ctx).to(device)
-    val_set = load_in_distribution(cfg, "val", ctx).to(device)
+    reporter.start(tr.t.epochs, tr.steps_per_epoch, tr.epoch, tr.step)
+    calls = {"steps": 0, "saved": time.monotonic()}
 
-    torch.manual_seed(cfg.seed)
-    amp_dtype = precision_for(device, mixed_precision)
-    model = build_model(cfg).to(device)
-    if amp_dtype is not None:
-        model = model.to(memory_format=torch.channels_last)
-    criterion = make_criterion(cfg).to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
-                                nesterov=t.nesterov, weight_decay=t.weight_decay)
-    n = len(train_set)
-    bs = min(t.batch_size, n)
-    steps_per_epoch = max(1, n // bs)  # drop the ragged last batch: BatchNorm needs real batches
-    epoch, step, history = 0, 0, []
-    partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0}
-    if run.checkpoint_path.exists():
-        state = run.require_checkpoint()
-        if state.get("finished"):
-            return list(state["history"])
-        load_weights(model, state["model"], str(run.checkpoint_path))
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
-        partial = dict(state.get("partial") or partial)
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
+    def after_step() -> None:
+        calls["steps"] += 1
+        if on_step:
+            on_step(calls["steps"])
+        if stop_after_steps is not None and calls["steps"] >= stop_after_steps:
+            raise KeyboardInterrupt
+        if time.monotonic() - calls["saved"] > tr.t.checkpoint_seconds:
+            tr.save()
+            calls["saved"] = time.monotonic()
 
-    reporter.start(t.epochs, steps_per_epoch, epoch, step)
-    steps_this_call = 0
-    last_save = time.monotonic()
     try:
-        while epoch < t.epochs:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(
-                step_seed(cfg.seed, epoch))).to(device)
-            model.train()
-            criterion.train()
-            loss_sum = torch.full((), partial["loss_sum"], device=device, dtype=torch.float64)
-            correct = torch.full((), partial["correct"], device=device, dtype=torch.float64)
-            seen, counted = int(partial["seen"]), int(partial.get("counted", partial["seen"]))
-            seen_now = 0  # images this call, for the speed
-            tic = time.perf_counter()
-            while step < steps_per_epoch:
-                torch.manual_seed(step_seed(cfg.seed, epoch, step))
-                idx = perm[step * bs:(step + 1) * bs]
-                x = augment(train_set.images[idx], t.crop_padding, t.flip)
-                x, targets = criterion.preprocess(transform(x), train_set.labels[idx])
-                if amp_dtype is not None:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(t, epoch * steps_per_epoch + step, steps_per_epoch)
-                with (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                      else contextlib.nullcontext()):
-                    out = model.forward_all(x, aux=criterion.aux)
-                    loss = criterion.training_loss(out, targets)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if criterion.max_grad_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), criterion.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                steps_this_call += 1
-                seen += len(idx)
-                seen_now += len(idx)
-                loss_sum += loss.detach().double() * len(idx)
-                clean = clean_rows(targets)
-                counted += int(clean.sum())
-                hard = targets if targets.dim() == 1 else targets[:, 0]
-                correct += ((out.logits.detach().argmax(1) == hard) & clean).sum()
-                reporter.step(float(loss.detach()), float(correct) / max(counted, 1),
-                              seen_now / max(time.perf_counter() - tic, 1e-9))
-                partial = {"loss_sum": float(loss_sum), "correct": float(correct), "seen": seen,
-                           "counted": counted}
-                if on_step:
-                    on_step(steps_this_call)
-                if stop_after_steps is not None and steps_this_call >= stop_after_steps:
-                    raise KeyboardInterrupt
-                if time.monotonic() - last_save > t.checkpoint_seconds:
-                    save_checkpoint(run, _checkpoint(model, optimizer, epoch, step, history,
-                                                     False, partial, scaler))
-                    last_save = time.monotonic()
-            stats = EpochStats(epoch + 1, float(loss_sum) / max(seen, 1),
-                               float(correct) / max(counted, 1),
-                               evaluate_accuracy(model, val_set, transform),
-                               seen_now / max(time.perf_counter() - tic, 1e-9))
-            history.append(stats.__dict__)
-            epoch, step = epoch + 1, 0
-            partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "counted": 0}
-            save_checkpoint(run, _checkpoint(model, optimizer, epoch, step, history,
-                                             epoch >= t.epochs, partial, scaler))
-            last_save = time.monotonic()
+        while tr.epoch < tr.t.epochs:
+            stats = tr.run_epoch(reporter, after_step)
+            tr.history.append(stats.__dict__)
+            tr.epoch, tr.step = tr.epoch + 1, 0
+            tr.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "counted": 0}
+            tr.save(finished=tr.epoch >= tr.t.epochs)
+            calls["saved"] = time.monotonic()
             reporter.epoch_end(stats)
     except KeyboardInterrupt:
-        save_checkpoint(run, _checkpoint(model, optimizer, epoch, step, history, False, partial,
-                                         scaler))
+        tr.save()
         raise
-    write_manifest(run, device, {"train": train_set, "val": val_set}, history)
-    return history
+    write_manifest(run, device, {"train": tr.train_set, "val": tr.val_set}, tr.history)
+    return tr.history
 
 
 def make_criterion(cfg: RunConfig) -> Criterion:
