@@ -65,9 +65,8 @@ def load_run(run: Run, device: torch.device, progress: ProgressFactory = no_prog
     model.to(device).eval()
     if batch_size is not None and batch_size < 1:
         raise OodbenchError(f"--batch-size must be >= 1, got {batch_size}")
-    lr = LoadedRun(model, model_digest(model), code_digest(model), device,
-                   OutputCache(run.cache_dir), batch_size or 0, progress)
-    return lr
+    return LoadedRun(model, model_digest(model), code_digest(model), device,
+                     OutputCache(run.cache_dir), batch_size or 0, progress, state.get("imported"))
 
 
 def choose_batch_size(lr: LoadedRun, run: Run, sample: EvalSet) -> None:
@@ -104,8 +103,7 @@ def calibrate_run(run: Run, ctx: DataContext, device: torch.device, objective: s
     out = cached_outputs(lr, val, frozenset())
     result = fit_temperature(out.logits, out.labels, objective)
     result.update(split="val", n=len(val.data), weights=lr.weights)
-    imported = run.require_checkpoint().get("imported")
-    if imported is not None and "val" not in get_dataset(cfg.benchmark.dataset).splits:
+    if lr.imported is not None and "val" not in get_dataset(cfg.benchmark.dataset).splits:
         # Our own runs never train on the held-out part; a foreign network may have.
         result["warning"] = (
             "this network was imported: the validation split was carved out of the training "

@@ -238,6 +238,7 @@ class LoadedRun:
     cache: Any  # oodbench.cache.OutputCache
     batch_size: int
     progress: ProgressFactory = no_progress
+    imported: dict[str, Any] | None = None  # set for runs made by `import-checkpoint`
     images_forwarded: int = 0
     log: list[str] = field(default_factory=list)
 
@@ -285,18 +286,23 @@ class SetResult:
         return self.forward_seconds if self.plain_seconds is None else self.plain_seconds
 
 
+def fill_missing(lr: LoadedRun, es: EvalSet, entry: CacheEntry, missing: list[str]) -> float:
+    """One no-grad pass writing the entry's missing keys; returns its wall time."""
+    writer = EntryWriter(entry, missing, es.data.labels, es.name)
+    seconds = forward_into(lr.model, es.data, es.transform, writer, lr.device, lr.batch_size,
+                           lr.progress(f"forward {es.label}", len(es.data)))
+    writer.commit(seconds, str(lr.device))
+    return seconds
+
+
 def cached_outputs(lr: LoadedRun, es: EvalSet, keys: frozenset[str]) -> Outputs:
     """Outputs of a set from the cache, running one no-grad pass for what is missing."""
     entry = lr.entry(es)
     missing = entry.missing(keys)
     if missing:
-        writer = EntryWriter(entry, missing, es.data.labels, es.name)
-        seconds = forward_into(lr.model, es.data, es.transform, writer, lr.device,
-                               lr.batch_size, lr.progress(f"forward {es.label}", len(es.data)))
-        writer.commit(seconds, str(lr.device))
-        lr.log.append(f"{es.label}: forward pass ({_describe(missing)})")
-    else:
-        lr.log.append(f"{es.label}: from the cache")
+        fill_missing(lr, es, entry, missing)
+    lr.log.append(f"{es.label}: " + (f"forward pass ({_describe(missing)})" if missing
+                                    else "from the cache"))
     return entry.load(keys)
 
 
@@ -311,24 +317,22 @@ def forward_eval(lr: LoadedRun, p: Plan, es: EvalSet) -> SetResult:
     gradient detectors, scores them from the same (gradient-recording) forward."""
     entry = lr.entry(es)
     missing = entry.missing(p.eval_keys)
-    writer = EntryWriter(entry, missing, es.data.labels, es.name) if missing else None
     result = SetResult(es, None, 0.0, True, missing)  # type: ignore[arg-type]
-    try:
-        if p.shared:
+    if p.shared:
+        writer = EntryWriter(entry, missing, es.data.labels, es.name) if missing else None
+        try:
             shared_pass(lr, p, es, writer, result)
-        elif writer is not None:
-            result.forward_seconds = forward_into(
-                lr.model, es.data, es.transform, writer, lr.device, lr.batch_size,
-                lr.progress(f"forward {es.label}", len(es.data)))
-        else:
-            result.timed_here = False
-            result.forward_seconds = float(entry.meta().get("forward_seconds", 0.0))
-    except BaseException:
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
         if writer is not None:
-            writer.abort()
-        raise
-    if writer is not None:
-        writer.commit(result.forward_seconds, str(lr.device))
+            writer.commit(result.forward_seconds, str(lr.device))
+    elif missing:
+        result.forward_seconds = fill_missing(lr, es, entry, missing)
+    else:  # nothing ran: the time stored with the entry is the reference
+        result.timed_here = False
+        result.forward_seconds = float(entry.meta().get("forward_seconds", 0.0))
     what = [_describe(missing)] if missing else []
     what += [f"shared with {', '.join(p.shared)}"] if p.shared else []
     lr.log.append(f"{es.label}: " + (f"forward pass ({'; '.join(what)})" if what

@@ -5,6 +5,7 @@ one of these and prints; a user's own script calls the same functions.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,7 @@ def benchmark_runs(req: BenchmarkRequest, ctx: DataContext) -> list[Run]:
     bench = load_checked_benchmark(req.benchmark)
     losses = req.losses or bench.losses
     seeds = bench.seeds[:req.seeds] if req.seeds else bench.seeds
-    configs = [run_config(load_checked_benchmark(req.benchmark), loss, seed, req.epochs)
+    configs = [run_config(copy.deepcopy(bench), loss, seed, req.epochs)
                for loss in losses for seed in seeds]
     require_benchmark_data(bench, ctx)
     return [Run.create(default_run_dir(cfg, req.runs_root), cfg) for cfg in configs]
