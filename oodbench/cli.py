@@ -26,9 +26,34 @@ app = typer.Typer(
 )
 
 DataRoot = Annotated[Path | None, typer.Option(
-    "--data-root", help="Folder with the datasets (default: $OODBENCH_DATA, else ./data).")]
-Device = Annotated[str, typer.Option(
+    "--data-root",
+    metavar="DIR", help="Folder with the datasets (default: $OODBENCH_DATA, else ./data).")]
+Device = Annotated[str, typer.Option(metavar="DEVICE",
     help="Torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps...")]
+
+
+def _plain_help_columns() -> None:
+    """Recent Typer versions print a type column in --help (`<list[str]>`, `<bool>`, `<path>`)
+    beside the metavar; show the metavars written here instead (`NAME`, `KEY=VALUE`), nothing
+    for flags and arguments (their metavar is already in the name column). Versions without the
+    hook keep their own (click-style) display."""
+    core = typer.core
+    for name in ("TyperOption", "TyperArgument"):
+        cls = getattr(core, name, None)
+        if cls is not None and hasattr(cls, "display_type_rich"):
+            option = name == "TyperOption"
+            cls.display_type_rich = (lambda self, ctx, option=option:
+                                     (self.metavar or "") if option else "")
+        if cls is not None and hasattr(cls, "_usage_display_name"):  # {NAME} → NAME, as click
+            cls._usage_display_name = lambda self: (
+                (self.display_name_raw if self.required else f"[{self.display_name_raw}]")
+                + ("..." if self.nargs != 1 else ""))
+
+
+_plain_help_columns()
+
+REPORT_BUGS = ("this is a bug in oodbench, not in your input: please report it (an issue in the "
+               "oodbench repository) with the command line and the traceback above")
 
 
 def _fail(e: OodbenchError) -> None:
@@ -51,48 +76,59 @@ def command(name: str | None = None) -> Callable[[Callable[..., Any]], Callable[
                 return fn(*args, **kwargs)
             except OodbenchError as e:
                 _fail(e)
+            except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+                raise
+            except Exception:
+                from oodbench.console import console
+
+                console.print_exception()
+                console.print(f"[bold red]unexpected error:[/] {REPORT_BUGS}")
+                raise typer.Exit(1) from None
 
         return app.command(name)(wrapper)
 
     return decorate
 
 
-RunsRoot = Annotated[Path, typer.Option(
+RunsRoot = Annotated[Path, typer.Option(metavar="DIR",
     help="Folder holding the run folders (where `train` puts them).")]
-RunDirArg = Annotated[Path | None, typer.Argument(
+RunDirArg = Annotated[Path | None, typer.Argument(metavar="RUN",
     help="Run folder made by `oodbench train`. Default: every run under --runs-root, "
          "narrowed by --benchmark / --loss / --seed.", show_default=False)]
-BenchmarkFilter = Annotated[str | None, typer.Option(
+BenchmarkFilter = Annotated[str | None, typer.Option(metavar="NAME",
     help="Without a run folder: only runs of this benchmark.")]
-LossFilter = Annotated[str | None, typer.Option(help="Without a run folder: only this loss.")]
-SeedFilter = Annotated[int | None, typer.Option(help="Without a run folder: only this seed.")]
-BatchSize = Annotated[int | None, typer.Option(
+LossFilter = Annotated[str | None, typer.Option(metavar="NAME",
+    help="Without a run folder: only this loss.")]
+SeedFilter = Annotated[int | None, typer.Option(metavar="N",
+    help="Without a run folder: only this seed.")]
+BatchSize = Annotated[int | None, typer.Option(metavar="N",
     help="Inference batch size (default: the fastest one, measured once on this device).")]
 
 
 @command()
 def train(
-    benchmark: Annotated[str | None, typer.Option(
+    benchmark: Annotated[str | None, typer.Option(metavar="NAME|FILE",
         help="Benchmark name (see `oodbench list benchmarks`) or YAML file. [default: digits]")
     ] = None,
-    loss: Annotated[str | None, typer.Option(
+    loss: Annotated[str | None, typer.Option(metavar="NAME",
         help="Loss (see `oodbench list losses`). [default: dismax]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed of this run. [default: 0]")
+    seed: Annotated[int | None, typer.Option(metavar="N",
+        help="Random seed of this run. [default: 0]")
                     ] = None,
-    epochs: Annotated[int | None, typer.Option(
+    epochs: Annotated[int | None, typer.Option(metavar="N",
         help="Override the benchmark's number of epochs.")] = None,
-    run_dir: Annotated[Path | None, typer.Option(
+    run_dir: Annotated[Path | None, typer.Option(metavar="DIR",
         help="Run folder (default: RUNS_ROOT/BENCHMARK/LOSS-seedSEED). An existing one resumes.")
     ] = None,
     runs_root: RunsRoot = Path("runs"),
     data_root: DataRoot = None,
     device: Device = "auto",
     loss_option: Annotated[list[str] | None, typer.Option(
-        "--loss-option", "-o",
+        "--loss-option", "-o", metavar="KEY=VALUE",
         help="Loss option KEY=VALUE (repeatable; YAML value), e.g. `-o entropy_weight=1e-3` "
              "or `-o fpr=false`; overrides the benchmark's loss_options.")] = None,
     mixed_precision: Annotated[bool | None, typer.Option(
-        "--mixed-precision/--no-mixed-precision",
+        "--mixed-precision/--no-mixed-precision", metavar="",
         help="Mixed precision + channels_last (default: on for CUDA; never used on CPU).")
     ] = None,
 ) -> None:
@@ -170,7 +206,8 @@ def _runs(run_dir: Path | None, runs_root: Path, benchmark: str | None, loss: st
 @command()
 def calibrate(
     run_dir: RunDirArg = None,
-    objective: Annotated[str, typer.Option(help="nll (default) or ece (15 bins).")] = "nll",
+    objective: Annotated[str, typer.Option(metavar="nll|ece",
+        help="nll (default) or ece (15 bins).")] = "nll",
     runs_root: RunsRoot = Path("runs"),
     benchmark: BenchmarkFilter = None,
     loss: LossFilter = None,
@@ -215,11 +252,13 @@ def _warn(res: dict[str, Any]) -> None:
 
 @command("import-checkpoint")
 def import_checkpoint(
-    path: Annotated[Path, typer.Argument(help="Pretrained checkpoint file (a known format).")],
-    model: Annotated[str, typer.Option(help="The checkpoint's model, e.g. resnet20.")],
-    benchmark: Annotated[str, typer.Option(
+    path: Annotated[Path, typer.Argument(metavar="CHECKPOINT",
+        help="Pretrained checkpoint file (a known format).")],
+    model: Annotated[str, typer.Option(metavar="NAME",
+        help="The checkpoint's model, e.g. resnet20.")],
+    benchmark: Annotated[str, typer.Option(metavar="NAME|FILE",
         help="Benchmark whose data and detectors the run uses (name or YAML file).")],
-    run_dir: Annotated[Path | None, typer.Option(
+    run_dir: Annotated[Path | None, typer.Option(metavar="DIR",
         help="Run folder (default: runs/BENCHMARK/MODEL-FORMAT).")] = None,
 ) -> None:
     """Make a finished run folder from a pretrained checkpoint, ready for calibrate and score.
@@ -242,19 +281,19 @@ resnet20-12fca82f.th --model resnet20 --benchmark cifar10-jpeg`
 def score(
     run_dir: RunDirArg = None,
     detector: Annotated[list[str] | None, typer.Option(
-        "--detector", "-d",
+        "--detector", "-d", metavar="NAME",
         help="Detector to score (repeatable; default: the benchmark's list).")] = None,
-    calibrated: Annotated[bool, typer.Option(
+    calibrated: Annotated[bool, typer.Option(metavar="",
         help="Use the run's calibrated temperature in probability-based scores.")] = False,
     param: Annotated[list[str] | None, typer.Option(
-        "--param", "-p",
+        "--param", "-p", metavar="DETECTOR.NAME=VALUE",
         help="Detector hyperparameter DETECTOR.NAME=VALUE (repeatable; VALUE is YAML), e.g. "
              "odin.T=100, mahalanobis.layer=block2, odin.eps_grid=[0,0.001].")] = None,
-    selection: Annotated[str | None, typer.Option(
+    selection: Annotated[str | None, typer.Option(metavar="MODE",
         help="How tuned detectors (odin, mahalanobis*) choose hyperparameters / weights: none "
              "(defaults), id (in-dist validation only), fgsm (in-dist validation vs FGSM copies; "
              "no OOD data), ood (needs --ood-validation).")] = None,
-    ood_validation: Annotated[str | None, typer.Option(
+    ood_validation: Annotated[str | None, typer.Option(metavar="DATASET",
         help="Dataset used as OOD validation data with --selection ood (explicit opt-in); a "
              "split disjoint from every test set is used, checked by image content.")] = None,
     runs_root: RunsRoot = Path("runs"),
@@ -340,43 +379,48 @@ def _print_scores(run_dir: Path, m: dict[str, Any]) -> None:
 
 @command()
 def report(
-    paths: Annotated[list[Path] | None, typer.Argument(
+    paths: Annotated[list[Path] | None, typer.Argument(metavar="PATH",
         help="Run folders or folders of runs (default: runs/).")] = None,
-    metric: Annotated[list[str] | None, typer.Option(
+    metric: Annotated[list[str] | None, typer.Option(metavar="METRIC",
         help="Metric(s) to show (repeatable): auroc, fpr_at_tpr95, tnr_at_tpr95, dtacc, "
              "aupr_in, aupr_out. Tables default to auroc and fpr_at_tpr95, data to all.")
     ] = None,
-    ood: Annotated[list[str] | None, typer.Option(help="Only these OOD sets (repeatable).")
+    ood: Annotated[list[str] | None, typer.Option(metavar="NAME",
+        help="Only these OOD sets (repeatable).")
                    ] = None,
     detector: Annotated[list[str] | None, typer.Option(
-        "--detector", "-d", help="Only these detectors (repeatable).")] = None,
-    loss: Annotated[list[str] | None, typer.Option(help="Only these losses (repeatable).")
+        "--detector", "-d", metavar="NAME", help="Only these detectors (repeatable).")] = None,
+    loss: Annotated[list[str] | None, typer.Option(metavar="NAME",
+        help="Only these losses (repeatable).")
                     ] = None,
     fmt: Annotated[str, typer.Option(
-        "--format", "-f", help="What to print: rich, markdown, csv or json.")] = "rich",
-    style: Annotated[str, typer.Option(
+        "--format", "-f",
+        metavar="FORMAT", help="What to print: rich, markdown, csv or json.")] = "rich",
+    style: Annotated[str, typer.Option(metavar="STYLE",
         help="table (rows = loss + detector) or paper (SoftMax+MSP, SoftMax+entropy and "
              "DisMax+MMLES side by side, as the IsoMax / DisMax tables).")] = "table",
-    pair: Annotated[list[str] | None, typer.Option(
+    pair: Annotated[list[str] | None, typer.Option(metavar="LOSS:DETECTOR",
         help="LOSS:DETECTOR pairs for --style paper (repeatable).")] = None,
-    compare: Annotated[tuple[Path, Path] | None, typer.Option(
+    compare: Annotated[tuple[Path, Path] | None, typer.Option(metavar="A B",
         help="RUN_A RUN_B: show B − A for every shared cell (each a run or folder of runs).")
     ] = None,
-    plots: Annotated[Path | None, typer.Option(
+    plots: Annotated[Path | None, typer.Option(metavar="DIR",
         help="Write PNG histograms, ROC curves and reliability diagrams into this folder.")
     ] = None,
-    bootstrap: Annotated[int, typer.Option(
+    bootstrap: Annotated[int, typer.Option(metavar="N",
         help="Bootstrap replicates for a 95 % AUROC interval (0 = off; e.g. 1000).")] = 0,
-    fail_under: Annotated[list[str] | None, typer.Option(
+    fail_under: Annotated[list[str] | None, typer.Option(metavar="METRIC[:QUALIFIER]=VALUE",
         help="Gate METRIC[:QUALIFIER]=VALUE: exit 1 if a selected cell is below VALUE, e.g. "
              "auroc=0.90, auroc:gaussian=0.95, auroc:msp:mean=0.9 (repeatable).")] = None,
-    fail_over: Annotated[list[str] | None, typer.Option(
+    fail_over: Annotated[list[str] | None, typer.Option(metavar="METRIC[:QUALIFIER]=VALUE",
         help="Gate METRIC[:QUALIFIER]=VALUE: exit 1 if a selected cell is above VALUE, e.g. "
              "fpr_at_tpr95=0.30, ece=0.05, cost:odin=3 (repeatable).")] = None,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Folder for report.json/.md/.csv (default: the first path).")
+        "--output", metavar="DIR",
+        help="Folder for report.json/.md/.csv (default: the first path). No short form: `-o` "
+             "is --loss-option in `train`.")
     ] = None,
-    write: Annotated[bool, typer.Option(help="Write the report files.")] = True,
+    write: Annotated[bool, typer.Option(metavar="", help="Write the report files.")] = True,
 ) -> None:
     """Compare runs (mean ± std over seeds), write it as JSON, Markdown and CSV, and gate CI.
 
@@ -396,13 +440,15 @@ def report(
 
 @command()
 def run(
-    benchmark: Annotated[str, typer.Argument(
+    benchmark: Annotated[str, typer.Argument(metavar="BENCHMARK",
         help="Benchmark name or YAML file (default: the embedded `digits`).")] = "digits",
-    loss: Annotated[list[str] | None, typer.Option(
+    loss: Annotated[list[str] | None, typer.Option(metavar="NAME",
         help="Only these losses (repeatable; default: the benchmark's).")] = None,
-    seeds: Annotated[int | None, typer.Option(help="Use the first N of the benchmark's seeds.")
+    seeds: Annotated[int | None, typer.Option(metavar="N",
+        help="Use the first N of the benchmark's seeds.")
                      ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Override the number of epochs.")] = None,
+    epochs: Annotated[int | None, typer.Option(metavar="N",
+        help="Override the number of epochs.")] = None,
     runs_root: RunsRoot = Path("runs"),
     data_root: DataRoot = None,
     device: Device = "auto",
@@ -430,7 +476,8 @@ def run(
 @command()
 def data(
     download: Annotated[list[str] | None, typer.Option(
-        "--download", help="Download this dataset into the data root first (repeatable; "
+        "--download",
+        metavar="NAME", help="Download this dataset into the data root first (repeatable; "
         "torchvision, needs internet; only mnist, fashionmnist, kmnist, cifar10, cifar100, "
         "svhn).")] = None,
     data_root: DataRoot = None,
@@ -460,7 +507,7 @@ def data(
 
 @command("list")
 def list_(
-    what: Annotated[str, typer.Argument(
+    what: Annotated[str, typer.Argument(metavar="WHAT",
         help="losses, detectors, models, datasets or benchmarks.")] = "all",
 ) -> None:
     """List what the registries hold (each is the one place to add a member)."""

@@ -117,3 +117,41 @@ def test_score_and_calibrate_act_on_the_runs_under_the_runs_root(tmp_path):
     assert r.exit_code == 0 and "2 run(s)" in r.output
     r = invoke("score", "--loss", "dismax")
     assert r.exit_code == 2 and "matches loss dismax" in r.output
+
+
+def test_help_reads_as_written_by_a_person():
+    for cmd in ("train", "calibrate", "score", "report", "run", "import-checkpoint", "data"):
+        r = invoke(cmd, "--help")
+        assert r.exit_code == 0
+        for machine in ("<bool>", "<list[str]>", "<str>", "<path>", "{", "<int>"):
+            assert machine not in r.output, (cmd, machine)
+    wide = oodbench("score", "--help", cwd=REPO)
+    assert "DETECTOR.NAME=VALUE" in wide.stdout and "[RUN]" in wide.stdout
+
+
+def test_short_o_means_one_thing():
+    assert "--loss-option" in invoke("train", "--help").output
+    r = invoke("report", "-o", "x")
+    assert r.exit_code == 2 and "No such option" in r.output
+
+
+def test_an_unexpected_error_exits_1_and_says_where_to_report_it(tmp_path, monkeypatch):
+    import oodbench.workflow as workflow
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(workflow, "find_runs", broken)
+    r = CliRunner().invoke(app, ["score"])
+    assert r.exit_code == 1 and "please report it" in r.output and "ZeroDivisionError" in r.output
+
+
+def test_scoring_again_without_detectors_keeps_the_earlier_results(tmp_path):
+    """`score RUN -d odin` then `score RUN`: metrics.json still holds odin."""
+    bench = _tiny_run(tmp_path)
+    assert invoke("train", "--benchmark", bench, "--loss", "softmax").exit_code == 0
+    run = tmp_path / "runs" / "my-copy" / "softmax-seed0"
+    assert invoke("score", run, "-d", "odin").exit_code == 0
+    assert invoke("score", run).exit_code == 0
+    detectors = json.loads((run / "metrics.json").read_text())["detectors"]
+    assert set(detectors) == {"odin", "msp"}

@@ -111,7 +111,7 @@ def test_schema_rejects_a_broken_report(runs: Path):
 def test_filters_and_files(runs: Path, tmp_path: Path):
     out = tmp_path / "out"
     res = invoke(runs, "--metric", "auroc", "--ood", "gaussian", "-d", "mmles", "--loss",
-                 "dismax", "-o", out, "-f", "markdown")
+                 "dismax", "--output", out, "-f", "markdown")
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "report.json").read_text())
     (g,) = doc["groups"]
@@ -163,7 +163,7 @@ def test_bad_gates_are_errors(runs: Path, spec: str):
 
 
 def test_compare_shows_deltas(runs: Path, tmp_path: Path):
-    res = invoke("--compare", runs / "softmax-seed0", runs / "softmax-seed1", "-o", tmp_path,
+    res = invoke("--compare", runs / "softmax-seed0", runs / "softmax-seed1", "--output", tmp_path,
                  "--metric", "auroc")
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "comparison.json").read_text())
