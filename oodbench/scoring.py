@@ -263,7 +263,17 @@ def detector_input(lr: LoadedRun, es: EvalSet, out: Outputs | None, p: Plan) -> 
     return DetectorInput(
         es.name, None if out is None else out.logits, es.data.labels.cpu(),
         None if out is None else out.features, {} if out is None else dict(out.blocks),
-        p.temperature, lr.model, es.data, es.transform, lr.device, block_names=p.block_names)
+        p.temperature, lr.model, es.data, es.transform, lr.device, block_names=p.block_names,
+        head=linear_head(lr.model))
+
+
+def linear_head(model: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W, b) of the model's head when it is a linear layer (CPU, float64), else None."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    bias = head.bias if head.bias is not None else torch.zeros(head.out_features)
+    return head.weight.detach().double().cpu(), bias.detach().double().cpu()
 
 
 # ------------------------------------------------------------------------------ forward passes

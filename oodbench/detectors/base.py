@@ -46,7 +46,7 @@ from oodbench.summaries import BLOCK_SUMMARIES, block_key
 if TYPE_CHECKING:
     from oodbench.models.base import ModelOutput
 
-NEEDS = frozenset({"logits", "features", "blocks", "grad"})
+NEEDS = frozenset({"logits", "features", "blocks", "grad", "head"})
 NO_BLOCKS_HINT = "use a model with named blocks (smallcnn8, smallcnn28, resnet18...)"
 _KINDS = {float: "a float", int: "an int", str: "a non-empty string", bool: "a bool (true/false)",
           list: "a non-empty list of floats"}
@@ -137,7 +137,10 @@ class DetectorInput:
     `logits`, `features` and `blocks` come from the output cache (CPU tensors, possibly
     memory-mapped). `model`, `images` and `transform` are set only for detectors that need "grad".
     `temperature` is the run's calibrated temperature when the user asked for it, else 1.
-    `block_names` are the model's blocks in order (resolves layer="last").
+    `block_names` are the model's blocks in order (resolves layer="last"). `head` is the
+    classifier's last layer as (W: C×D, b: C) when it is linear (logits = f Wᵀ + b); None for
+    the prototype (distance) heads of IsoMax, IsoMax+ and DisMax: detectors that need "head"
+    adapt or refuse there.
     """
 
     name: str
@@ -152,6 +155,7 @@ class DetectorInput:
     device: torch.device | None = None
     inputs: torch.Tensor | None = None  # normalised float inputs of synthetic sets (FGSM)
     block_names: tuple[str, ...] = ()
+    head: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return int(len(self.labels))
