@@ -217,3 +217,58 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
                            temperature: float = 1.0) -> dict[str, float]:
     return {"accuracy": accuracy(logits, labels), "ece": ece(logits, labels, temperature),
             "nll": nll(logits, labels, temperature)}
+
+
+# ------------------------------------------------------------------ selective classification
+# A detector's score is also a confidence: accept a prediction when score ≥ t. Coverage = the
+# accepted fraction; selective risk = errors among the accepted / accepted; generalized risk
+# (Traub et al. 2024) = errors accepted / all. Tied scores are accepted together (one point per
+# distinct threshold), as in the OOD metrics; without ties the areas equal the usual mean over
+# k = 1..n of the top-k risk (Geifman et al. 2019).
+SELECTIVE_METRICS = ("misclassification_auroc", "aurc", "e_aurc", "augrc", "risk_at_80",
+                     "risk_at_95")
+HIGHER_IS_BETTER.update(misclassification_auroc=True, aurc=False, e_aurc=False, augrc=False,
+                        risk_at_80=False, risk_at_95=False)
+
+
+def _risk_curve(scores: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(coverage, selective risk, generalized risk) at each distinct threshold, high to low."""
+    order = np.argsort(-scores, kind="stable")
+    s, e = scores[order], errors[order].astype(np.float64)
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # end of each block of ties
+    accepted = last + 1.0
+    wrong = np.cumsum(e)[last]
+    return accepted / len(s), wrong / accepted, wrong / len(s)
+
+
+def selective_metrics(scores: np.ndarray, correct: np.ndarray) -> dict[str, float]:
+    """Misclassification detection and risk–coverage figures of one confidence score.
+
+    misclassification_auroc: P(score of a correct prediction > a wrong one) (+ ½ ties);
+    aurc: ∫ selective risk d coverage; e_aurc: aurc − the optimal aurc for the same error rate
+    (r + (1 − r) ln(1 − r)); augrc: ∫ generalized risk d coverage; risk_at_c: selective risk
+    at the first threshold whose coverage reaches c."""
+    s = _check("scores", np.asarray(scores, dtype=np.float64))
+    ok = np.asarray(correct, dtype=bool)
+    if ok.shape != s.shape:
+        raise ValueError("one correctness flag per score is needed")
+    cov, risk, grisk = _risk_curve(s, ~ok)
+    steps = np.diff(np.r_[0.0, cov])
+    r = 1.0 - ok.mean()
+    optimal = r + (1.0 - r) * np.log(1.0 - r) if r < 1.0 else 1.0
+    out = {"misclassification_auroc": float("nan") if ok.all() or not ok.any()
+           else float(ood_metrics(s[ok], s[~ok])["auroc"]),
+           "aurc": float(np.sum(risk * steps)), "augrc": float(np.sum(grisk * steps))}
+    out["e_aurc"] = out["aurc"] - float(optimal)
+    for c in (80, 95):
+        out[f"risk_at_{c}"] = float(risk[np.searchsorted(cov, c / 100 - 1e-12)])
+    return out
+
+
+def selective_with_ood(in_scores: np.ndarray, correct: np.ndarray,
+                       out_scores: np.ndarray) -> dict[str, float]:
+    """The same figures when OOD samples are mixed into the test stream and every accepted OOD
+    sample counts as an error (selective classification with OOD inputs)."""
+    scores = np.concatenate([np.asarray(in_scores, float), np.asarray(out_scores, float)])
+    ok = np.concatenate([np.asarray(correct, bool), np.zeros(len(out_scores), bool)])
+    return selective_metrics(scores, ok)

@@ -481,16 +481,22 @@ def score_sets(lr: LoadedRun, p: Plan, results: list[SetResult]) -> dict[str, De
 
 # ----------------------------------------------------------------------------------- assemble
 def detector_record(det: Detector, s: DetectorScores, test: str, p: Plan,
-                    setup: dict[str, float]) -> dict[str, Any]:
+                    setup: dict[str, float], correct: np.ndarray) -> dict[str, Any]:
     """One detector's entry in metrics.json. No metric is computed from non-finite scores: a
-    set with any is left out (and the in-dist test set's block every set)."""
-    from oodbench.metrics import ood_metrics
+    set with any is left out (and the in-dist test set's block every set). `correct` flags the
+    classifier's right predictions on the test set: the score is also judged as a confidence
+    (misclassification detection, risk–coverage; with each OOD set mixed in as errors)."""
+    from oodbench.metrics import ood_metrics, selective_metrics, selective_with_ood
 
     bad = s.nonfinite()
     in_scores = s.per_set[test]
-    ood = {} if test in bad else {o: ood_metrics(in_scores, v) for o, v in s.per_set.items()
-                                  if o != test and o not in bad}
-    record = {"ood": ood, "cost": s.cost, "cost_basis": s.cost_basis,
+    others = {} if test in bad else {o: v for o, v in s.per_set.items()
+                                     if o != test and o not in bad}
+    ood = {o: ood_metrics(in_scores, v) for o, v in others.items()}
+    selective = {} if test in bad else {
+        "in_distribution": selective_metrics(in_scores, correct),
+        "with_ood": {o: selective_with_ood(in_scores, correct, v) for o, v in others.items()}}
+    record = {"ood": ood, "selective": selective, "cost": s.cost, "cost_basis": s.cost_basis,
               "temperature": p.temperature, "calibrated": p.calibrated,
               **det.describe(), "setup_seconds": setup}
     if bad:
@@ -502,21 +508,28 @@ def assemble(cfg: RunConfig, lr: LoadedRun, p: Plan, sets: SetBundle,
              results: list[SetResult], scores: dict[str, DetectorScores], setup: Setup,
              calibration: dict[str, Any] | None) -> dict[str, Any]:
     """The metrics record of one run (what metrics.json holds and `report` reads)."""
-    from oodbench.metrics import classification_metrics
+    from oodbench.metrics import classification_metrics, selective_metrics
 
     bench, test = cfg.benchmark, sets.test
     logits, labels = results[0].outputs.logits, results[0].outputs.labels
+    correct = (logits.argmax(1) == labels).numpy()
     classification = {"uncalibrated": classification_metrics(logits, labels)}
+    temps = {"uncalibrated": 1.0}
     if calibration is not None:
         classification["calibrated"] = classification_metrics(
             logits, labels, float(calibration["temperature"]))
+        temps["calibrated"] = float(calibration["temperature"])
+    # the baseline confidence: MSP, at T = 1 and at the fitted temperature
+    classification["selective_msp"] = {
+        state: selective_metrics(torch.softmax(logits.double() / t, 1).max(1).values.numpy(),
+                                 correct) for state, t in temps.items()}
     return {
         "schema": "oodbench.metrics/1", "benchmark": bench.name,
         "in_distribution": bench.dataset, "model": bench.model, "loss": cfg.loss,
         "seed": cfg.seed, "ood_sets": {o.name: o.group for o in bench.ood},
         "n": {r.set.name: len(r.set.data) for r in results},
         "classification": classification, "calibration": calibration,
-        "detectors": {n: detector_record(d, scores[n], test.name, p, setup.seconds[n])
+        "detectors": {n: detector_record(d, scores[n], test.name, p, setup.seconds[n], correct)
                       for n, d in p.detectors.items()},
         "forward": {r.set.name: {"seconds": r.forward_seconds, "timed_here": r.timed_here,
                                  "computed": r.computed} for r in results},

@@ -225,3 +225,26 @@ def test_phases_run_one_by_one_from_python(digits_run):
     logits = results[0].outputs.logits.double()
     np.testing.assert_allclose(scores["maxlogit"].per_set["digits"],
                                logits.max(dim=1).values.numpy())
+
+
+def test_every_detector_is_also_judged_as_a_confidence(digits_run):
+    """metrics.json holds misclassification / risk–coverage figures per detector, computed from
+    the saved scores and the classifier's correctness (recomputed here with scikit-learn)."""
+    from sklearn.metrics import roc_auc_score
+
+
+    m = score_run(digits_run, DataContext.resolve("unused"), CPU, ["msp", "energy"])
+    entry = digits_run.cache_dir / m["cache_keys"]["digits"]
+    logits, labels = np.load(entry / "logits.npy"), np.load(entry / "labels.npy")
+    correct = logits.argmax(1) == labels
+    for det in ("msp", "energy"):
+        s = np.load(digits_run.scores_dir / det / "digits.npy").astype(np.float64)
+        sel = m["detectors"][det]["selective"]["in_distribution"]
+        assert sel["misclassification_auroc"] == pytest.approx(roc_auc_score(correct, s),
+                                                               abs=1e-6)
+        err = ~correct[np.argsort(-s, kind="stable")]
+        k = np.arange(1, len(s) + 1)
+        assert sel["aurc"] == pytest.approx(np.mean(np.cumsum(err) / k), abs=1e-3)
+        assert set(m["detectors"][det]["selective"]["with_ood"]) == {"patches", "gaussian",
+                                                                    "uniform"}
+    assert set(m["classification"]["selective_msp"]) == {"uncalibrated"}
