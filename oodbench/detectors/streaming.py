@@ -1,0 +1,110 @@
+"""Shared helpers of the feature-distance detectors (knn, nnguide, mahalanobis++, rmds, gmm, vim,
+she, kl-matching, openmax): chunked reads of (possibly memory-mapped) N×D outputs, an L2-
+normalised view that `fit_class_gaussian` can stream over, the exact chunked top-k search,
+and the refusal of detectors that need a linear head.
+
+Memory: every train statistic is accumulated chunk by chunk (`CHUNK` rows at a time), so it does
+not grow with the train-set size; only KNN / NNGuide keep an N×D bank, by nature, in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from oodbench.detectors.base import DetectorInput
+from oodbench.errors import OodbenchError
+
+try:  # the base module's NotApplicable(OodbenchError) once it exists (another branch adds it)
+    from oodbench.detectors.base import NotApplicable  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - until that branch is merged
+    NotApplicable = OodbenchError
+
+CHUNK = 4096  # rows of train / test outputs read at a time
+QUERY_CHUNK = 1024  # queries per exact top-k block
+BANK_CHUNK = 8192  # bank rows per exact top-k block (QUERY_CHUNK × BANK_CHUNK float32 = 32 MiB)
+
+
+def rows(x: Any, dtype: torch.dtype = torch.float64, chunk: int | None = None
+         ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, chunk as a CPU tensor of `dtype`) over the rows of an N×… tensor or array."""
+    step = chunk or CHUNK
+    for i in range(0, len(x), step):
+        yield i, torch.as_tensor(np.asarray(x[i:i + step])).to(dtype)
+
+
+def l2_normalise(x: torch.Tensor) -> torch.Tensor:
+    """x / max(‖x‖₂, 1e-12) row-wise (a zero row stays zero)."""
+    return torch.nn.functional.normalize(x, p=2.0, dim=1, eps=1e-12)
+
+
+class NormalisedView:
+    """Row-slices of an N×D tensor, L2-normalised on read: lets the streaming class-Gaussian fit
+    run on normalised features without materialising a normalised copy."""
+
+    def __init__(self, x: Any) -> None:
+        self.x = x
+        self.shape = tuple(x.shape)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, idx: slice) -> torch.Tensor:
+        return l2_normalise(torch.as_tensor(np.asarray(self.x[idx])).double())
+
+
+def features_of(data: DetectorInput, who: str) -> Any:
+    if data.features is None:
+        raise RuntimeError(f"{who}: features were not passed to the detector")
+    return data.features
+
+
+def logits_of(data: DetectorInput, who: str) -> Any:
+    if data.logits is None:
+        raise RuntimeError(f"{who}: logits were not passed to the detector")
+    return data.logits
+
+
+def num_classes(train: DetectorInput) -> int:
+    if train.logits is not None:
+        return int(train.logits.shape[1])
+    if train.head is not None:
+        return int(train.head[0].shape[0])
+    return int(train.labels.max()) + 1
+
+
+def require_head(data: DetectorInput, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W: C×D, b: C) in float64, or NotApplicable for prototype (distance) heads."""
+    if data.head is None:
+        raise NotApplicable(
+            f"not applicable: {who} needs a linear classifier head (logits = f Wᵀ + b); this "
+            "model's head is a prototype (distance) head (IsoMax, IsoMax+, DisMax)",
+            f"score {who} on a run trained with a linear head (e.g. the softmax loss)")
+    w, b = data.head
+    return w.double().cpu(), b.double().cpu()
+
+
+def topk_scores(queries: torch.Tensor, bank: torch.Tensor, k: int,
+                offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The k largest values of qᵢ·bⱼ − offsetⱼ over the bank rows j, per query i, descending.
+
+    Exact: one QUERY_CHUNK × BANK_CHUNK similarity block at a time, merged into a running top-k,
+    never an N_query × N_bank matrix. Computed in the bank's dtype (float32)."""
+    if k > len(bank):
+        raise ValueError(f"k = {k} > bank size {len(bank)}")
+    out = []
+    q_all = queries.to(bank.dtype)
+    for i in range(0, len(q_all), QUERY_CHUNK):
+        q = q_all[i:i + QUERY_CHUNK]
+        best = torch.empty(len(q), 0, dtype=bank.dtype)
+        for j in range(0, len(bank), BANK_CHUNK):
+            s = q @ bank[j:j + BANK_CHUNK].T
+            if offset is not None:
+                s = s - offset[j:j + BANK_CHUNK]
+            merged = torch.cat([best, s], dim=1)
+            best = merged.topk(min(k, merged.shape[1]), dim=1).values
+        out.append(best)
+    return torch.cat(out) if out else torch.empty(0, k, dtype=bank.dtype)
