@@ -94,7 +94,7 @@ _LINEAR_ONLY = ("{what}; this model's head is a distance to prototypes (IsoMax /
 def rows(x: Any) -> Iterator[torch.Tensor]:
     """Float64 CPU chunks of CHUNK rows of a (possibly memory-mapped) N×D array or tensor."""
     for i in range(0, len(x), CHUNK):
-        yield torch.as_tensor(np.asarray(x[i:i + CHUNK]), dtype=torch.float64)
+        yield torch.tensor(np.asarray(x[i:i + CHUNK]), dtype=torch.float64)  # a copy
 
 
 def _features(data: DetectorInput) -> Any:
