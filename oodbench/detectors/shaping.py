@@ -17,11 +17,12 @@ Activation shaping, then the energy logsumexp(z) (Liu et al. 2020, T = 1):
 - `ash-p`, `ash-b`, `ash-s` (Djurisic, Bozanic, Ashok & Liu, ICLR 2023), per sample, on the
   PENULTIMATE POOLED vector (the cache holds no feature maps; the paper applies ASH before the
   pooling of ResNets): keep the k = D − round(D·p/100) largest activations (k ≥ 1), p = 90
-  (OpenOOD's CIFAR config). ASH-P zeroes the others; ASH-B sets the k kept ones to s1/k and
-  the others to 0 (s1 = Σ f); ASH-S zeroes the others and multiplies the kept ones by
-  exp(s1 / s2), s2 = the sum of the kept ones.
-- `scale` (Xu, Lian, Liu & Tao, ICLR 2024, SCALE): f · exp(s1 / s2), s1 = Σ f, s2 = the sum of
-  the k largest activations (k as in ASH), p = 85 (OpenOOD's CIFAR config). No pruning.
+  (OpenOOD's ash.yml, used for its CIFAR benchmarks; the paper tunes p per model).
+  ASH-P zeroes the others; ASH-B sets the k kept ones to s1/k and the others to 0
+  (s1 = Σ f); ASH-S zeroes the others and multiplies the kept ones by exp(s1 / s2),
+  s2 = the sum of the kept ones.
+- `scale` (Xu, Chen, Franchi & Yao, ICLR 2024, SCALE): f · exp(s1 / s2), s1 = Σ f, s2 = the
+  sum of the k largest activations (k as in ASH), p = 85 (OpenOOD's scale.yml). No pruning.
 - `dice` (Sun & Li, ECCV 2022): contributions V = W ⊙ μ (C×D), μ = the mean train feature;
   keep the weights whose contribution exceeds the p-th percentile of V (p = 90: the top 10%),
   z = f (W ⊙ M)ᵀ + b.
@@ -36,9 +37,10 @@ Classifier-geometry and logit scores:
 - `fdbd` (Liu & Qin, ICML 2024): mean over c ≠ ĉ of the distance of f to the decision
   boundary of (ĉ, c), |z_ĉ − z_c| / ‖w_ĉ − w_c‖₂, divided by ‖f − μ‖₂ (μ = mean train feature;
   `distance_as_normalizer`, OpenOOD's default).
-- `nci` (Liu & Qin, CVPR 2025, "Detecting OOD through the lens of neural collapse"):
+- `nci` (Liu & Qin, "Detecting out-of-distribution through the lens of neural collapse",
+  arXiv 2311.01479, CVPR 2025):
   w_ĉ · (f − μ) / ‖f − μ‖₂ + α ‖f‖₁, μ = mean train feature, ĉ = the predicted class,
-  α = 1e-4 (OpenOOD's CIFAR-10 config). As in the authors' OpenOOD code, the proximity is not
+  α = 1e-4 (OpenOOD's nci.yml). As in the authors' OpenOOD code, the proximity is not
   divided by ‖w_ĉ‖.
 - `gen` (Liu, Lochman & Zach, CVPR 2023): −Σ_{j ≤ min(M, C)} p_(j)^γ (1 − p_(j))^γ over the
   M largest softmax probabilities, γ = 0.1, M = 100 (paper / OpenOOD); the softmax sees
@@ -59,6 +61,13 @@ Train statistics are streamed over chunks of CHUNK rows (memory does not grow wi
   percentile's standard error is then about sqrt(q(1−q)/K) in quantile units, < 0.0003 for
   K = 10⁶). np.percentile's linear interpolation, as in the ReAct / OpenOOD code. The sample
   is kept, so every percentile of a selection grid is read without another pass.
+
+Selection grids (`grid`, searched by the generic `Detector.select` on cached outputs):
+react percentile {80, 85, 90, 95, 99}; vra percentile_high {85, 90, 95, 99} × percentile_low
+{1, 5, 10, 15} (OpenOOD's sweep); bfact percentile {80..99} × order {1..4}; ash-* and scale
+percentile {65, 70, ..., 95} (OpenOOD's sweep); dice p {10, 30, 50, 70, 90}; fdbd
+distance_as_normalizer {true, false}; nci alpha {1e-4, 1e-3, 1e-2, 1e-1}; gen gamma
+{0.01, 0.1, 0.5, 1}; neco d {0 (auto), 4, 8, ..., 128}. gradnorm has none (T = 1 is the paper's).
 
 Heads: every detector that reads W, b refuses a prototype head (IsoMax, IsoMax+, DisMax) with
 NotApplicable: their logits are (scaled, possibly normalised) distances to prototypes, there is
@@ -216,13 +225,18 @@ class _TrainPercentiles(_ShapedEnergy):
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
         self.sample: np.ndarray | None = None
+        self._thresholds: dict[float, float] = {}
 
     def fit_statistics(self, train: DetectorInput) -> None:
         self.sample = activation_sample(_features(train))
+        self._thresholds = {}
 
     def threshold(self, percentile: float) -> float:
+        """The percentile of the kept train activations (memoised: grid points reuse it)."""
         assert self.sample is not None, "fit first"
-        return float(np.percentile(self.sample, percentile))
+        if percentile not in self._thresholds:
+            self._thresholds[percentile] = float(np.percentile(self.sample, percentile))
+        return self._thresholds[percentile]
 
 
 @DETECTORS.register("react")
