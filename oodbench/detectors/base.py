@@ -26,6 +26,25 @@ defaults), "id" (in-distribution validation data only), "fgsm" (in-distribution 
 plus FGSM-perturbed copies of it as stand-in OOD) or "ood" (a user-supplied OOD validation set,
 only when asked explicitly). `fit` sees only in-distribution TRAIN data, `select` only the
 in-distribution validation split and, in "ood" mode, the named OOD validation set.
+
+Generic grid selection: a detector that declares `grid` (hyperparameter → candidate values) and
+a `selection` hyperparameter inherits `Detector.select`: every point of the cartesian product of
+the grid is set as `selected`, `val` and the negatives are scored from their CACHED outputs (no
+forward pass per grid point; the FGSM stand-in is computed once) and the best point is chosen
+with `gradients.choose` ("id": mean in-distribution score, "fgsm" / "ood": AUROC). A grid
+hyperparameter the user gave explicitly is held fixed (searched over its one given value).
+`select` never sees train data again: grid hyperparameters must be derivable from what `fit`
+stored (e.g. ReAct keeps a fixed-size sample of train activations, so every percentile of the
+grid is read from it without another pass).
+
+Oracle selection: the mode "oracle" (ORACLE_MODE) selects on an OOD TEST set, an upper bound
+that no deployment can reach. It is in no detector's `selection_modes` and is refused unless the
+detector is created with `oracle=True` (`create(name, oracle=True, selection="oracle")`); the
+`ood_val` passed to `select` is then that test set, and `selection["oracle"]` is True.
+
+Heads: `DetectorInput.head` is the linear classifier (W, b), or None for prototype (distance)
+heads. A detector that needs "head" declares `applies_to_prototype_heads` = False (it refuses
+with `NotApplicable`, naming `prototype_head_reason`) or a string describing its adaptation.
 """
 
 from __future__ import annotations
@@ -47,6 +66,21 @@ if TYPE_CHECKING:
     from oodbench.models.base import ModelOutput
 
 NEEDS = frozenset({"logits", "features", "blocks", "grad", "head"})
+GRID_SELECTION_MODES = ("none", "id", "fgsm", "ood")
+ORACLE_MODE = "oracle"  # selection on an OOD TEST set: only with oracle=True, labelled as such
+SEARCH_SAMPLES = 1000  # validation (and negative) samples a grid selection scores at most
+
+
+class NotApplicable(OodbenchError):
+    """The detector cannot be applied to this model (e.g. it needs the linear head's W, b and the
+    model has a prototype head). The report shows it as "n/a (reason)", not as a failure."""
+
+    def __init__(self, detector: str, reason: str) -> None:
+        super().__init__(f"{detector} is not applicable: {reason}",
+                         "drop it for this model, or use a model with a linear head")
+        self.detector, self.reason = detector, reason
+
+
 NO_BLOCKS_HINT = "use a model with named blocks (smallcnn8, smallcnn28, resnet18...)"
 _KINDS = {float: "a float", int: "an int", str: "a non-empty string", bool: "a bool (true/false)",
           list: "a non-empty list of floats"}
@@ -55,13 +89,15 @@ _KINDS = {float: "a float", int: "an int", str: "a non-empty string", bool: "a b
 @dataclass(frozen=True)
 class HParam:
     """One hyperparameter: default, type (float, int, str, bool, or `list` = a non-empty list of
-    floats), optional bounds (`gt`: >, `ge`: >=; on every element of a list) or `choices`."""
+    floats), optional bounds (`gt`: >, `ge`: >=, `le`: <=; on every element of a list) or
+    `choices`."""
 
     default: Any
     type: type = float
     gt: float | None = None
     ge: float | None = None
     choices: tuple[str, ...] = ()
+    le: float | None = None
     doc: str = ""
 
     def __post_init__(self) -> None:
@@ -73,7 +109,8 @@ class HParam:
         if self.choices:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         bounds = [f"> {self.gt:g}" if self.gt is not None else "",
-                  f">= {self.ge:g}" if self.ge is not None else ""]
+                  f">= {self.ge:g}" if self.ge is not None else "",
+                  f"<= {self.le:g}" if self.le is not None else ""]
         bound = " and ".join(b for b in bounds if b)
         if self.type is list:
             return _KINDS[list] + (f", each {bound}" if bound else "")
@@ -93,6 +130,8 @@ class HParam:
 
     def _check(self, x: Any) -> Any:
         if (self.gt is not None and not x > self.gt) or (self.ge is not None and not x >= self.ge):
+            raise ValueError(x)
+        if self.le is not None and not x <= self.le:
             raise ValueError(x)
         return x
 
@@ -173,6 +212,13 @@ class Detector:
     selection_modes: ClassVar[tuple[str, ...]] = ()
     # True when `select` reads the validation split even in selection mode "none"
     validates_in_none_mode: ClassVar[bool] = False
+    # Candidate values per hyperparameter for the generic `select` (empty: nothing to search).
+    grid: ClassVar[dict[str, list[Any]]] = {}
+    # On a prototype head (DetectorInput.head is None): True (the detector does not read the
+    # head), False (it refuses with NotApplicable, giving `prototype_head_reason`), or a string
+    # describing how it adapts.
+    applies_to_prototype_heads: ClassVar[bool | str] = True
+    prototype_head_reason: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -180,7 +226,9 @@ class Detector:
         if bad:
             raise TypeError(f"{cls.__name__}.hparams {bad} must be HParam(default, type, ...)")
 
-    def __init__(self, **hparams: Any) -> None:
+    def __init__(self, *, oracle: bool = False, **hparams: Any) -> None:
+        # `oracle=True` admits the selection mode "oracle" (select on an OOD test set).
+        self.oracle_allowed = bool(oracle)
         unknown = set(hparams) - set(self.hparams)
         if unknown:
             raise OodbenchError(
@@ -193,6 +241,8 @@ class Detector:
         self.needs = type(self).needs
         # What `select` chose and from which data; recorded in metrics.json.
         self.selection: dict[str, Any] = {"mode": "none"}
+        if self.grid and self.selection_mode == "fgsm":
+            self.needs = self.needs | {"grad"}  # the FGSM stand-in runs the model once
 
     @classmethod
     def registered_name(cls) -> str:
@@ -200,6 +250,15 @@ class Detector:
 
     def _validate(self, name: str, value: Any) -> Any:
         spec = self.hparams[name]
+        if name == "selection" and value == ORACLE_MODE:
+            if self.oracle_allowed and self.grid:
+                return ORACLE_MODE
+            raise OodbenchError(
+                f"{self.registered_name()}.selection 'oracle' selects on the OOD TEST set and "
+                "is available only when asked for explicitly",
+                "pass --oracle (the report labels oracle results)" if self.grid else
+                f"{self.registered_name()} has no grid selection; use "
+                + ", ".join(self.selection_modes or ("none",)))
         try:
             return spec.coerce(value)
         except (ValueError, TypeError):
@@ -257,8 +316,78 @@ class Detector:
         self.fitted = True
         return self
 
+    @property
+    def wants_ood_data(self) -> bool:
+        """True when `select` needs an OOD set: "ood" (OOD validation) or "oracle" (OOD test)."""
+        return self.selection_mode in ("ood", ORACLE_MODE)
+
+    # ------------------------------------------------------------------------------- heads
+    @classmethod
+    def check_head(cls, head: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Raise NotApplicable when this detector needs the linear head and `head` is None."""
+        if head is None and "head" in cls.needs and cls.applies_to_prototype_heads is False:
+            raise NotApplicable(cls.registered_name(), cls.prototype_head_reason or
+                                "it needs the linear head (W, b); this model's head is a "
+                                "distance to prototypes")
+
+    def linear_head(self, data: DetectorInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W: C×D, b: C) in float64, or NotApplicable on a prototype head."""
+        self.check_head(data.head)
+        assert data.head is not None
+        w, b = data.head
+        return w.double().cpu(), b.double().cpu()
+
+    # ----------------------------------------------------------------------------- select
+    def grid_points(self) -> list[dict[str, Any]]:
+        """The cartesian product of `grid`; a hyperparameter the user gave is held fixed."""
+        axes = [(k, [self.given[k]] if k in self.given else list(v))
+                for k, v in self.grid.items()]
+        points: list[dict[str, Any]] = [{}]
+        for k, values in axes:
+            points = [{**p, k: self._validate(k, v)} for p in points for v in values]
+        return points
+
     def select(self, val: DetectorInput, ood_val: DetectorInput | None = None) -> None:
-        """Choose hyperparameters / weights on validation data (see the module docstring)."""
+        """Choose hyperparameters / weights on validation data (see the module docstring).
+
+        The base implementation is the generic grid search on cached outputs (used by every
+        detector with a `grid` and a `selection` hyperparameter); ODIN and Mahalanobis, whose
+        candidates need the model, override it."""
+        mode = self.selection_mode
+        if not self.grid or mode == "none":
+            return
+        from oodbench.detectors.gradients import choose, fgsm_standin, subsample
+
+        n = int(self.params.get("search_samples", SEARCH_SAMPLES))
+        val = subsample(val, n)
+        neg: DetectorInput | None = None
+        if mode == "fgsm":
+            neg = fgsm_standin(val)  # once per detector, reused by every grid point
+        elif mode in ("ood", ORACLE_MODE):
+            if ood_val is None:
+                what = "an OOD test set (--oracle)" if mode == ORACLE_MODE else \
+                    "an OOD validation set"
+                raise OodbenchError(f"selection {mode!r} needs {what}",
+                                    "pass --ood-validation DATASET, or use --selection fgsm / id")
+            neg = subsample(ood_val, n)
+        elif mode != "id":
+            raise OodbenchError(f"{self.registered_name()} cannot select in mode {mode!r}",
+                                "use one of " + ", ".join(GRID_SELECTION_MODES))
+        points = {", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in p.items()): p for p in self.grid_points()}
+        candidates = {}
+        for key, point in points.items():
+            self.selected = dict(point)
+            candidates[key] = (np.asarray(self.score(val), dtype=np.float64),
+                               None if neg is None else np.asarray(self.score(neg),
+                                                                   dtype=np.float64))
+        self.selected = {}
+        best, table = choose(candidates, "id" if mode == "id" else "auroc")
+        self.selected = dict(points[best])
+        self.selection = {"mode": mode, "criterion": "mean in-dist score" if mode == "id"
+                          else "AUROC", "validation": val.name, "n": len(val),
+                          "negatives": None if neg is None else neg.name, "table": table,
+                          "chosen": dict(points[best]), "oracle": mode == ORACLE_MODE}
 
     def score(self, data: DetectorInput) -> np.ndarray:
         raise NotImplementedError
@@ -277,11 +406,19 @@ class Detector:
 DETECTORS: Registry[type[Detector]] = Registry("detector")
 
 
-def create(name: str, **hparams: Any) -> Detector:
-    return DETECTORS.get(name)(**hparams)
+def create(name: str, *, oracle: bool = False, **hparams: Any) -> Detector:
+    """The detector `name` with these hyperparameters; `oracle=True` admits selection "oracle"."""
+    return DETECTORS.get(name)(oracle=oracle, **hparams)
 
 
 def selection_hparam(default: str, modes: tuple[str, ...]) -> HParam:
     """The `selection` hyperparameter of a detector with these selection modes."""
     return HParam(default, str, choices=modes,
                   doc="what data selection may use: " + ", ".join(modes))
+
+
+def grid_selection_hparams(default: str = "none") -> dict[str, HParam]:
+    """The `selection` and `search_samples` hyperparameters of a detector with a `grid`."""
+    return {"selection": selection_hparam(default, GRID_SELECTION_MODES),
+            "search_samples": HParam(SEARCH_SAMPLES, int, ge=1,
+                                     doc="validation (and negative) samples selection scores")}
