@@ -1,12 +1,16 @@
 """Detector registry. Importing this registers every detector (one family per module)."""
 
-import oodbench.detectors.shaping  # noqa: F401  (activation shaping and head geometry)
-from oodbench.detectors import intermediate, logit_scores, mahalanobis, odin  # noqa: F401
-from oodbench.detectors.base import DETECTORS, Detector, DetectorInput, create
+from oodbench.detectors import (  # noqa: F401  (each module registers its detectors)
+    gaussians,
+    intermediate,
+    knn,
+    logit_scores,
+    mahalanobis,
+    odin,
+    shaping,
+    templates,
+    vim,
+)
+from oodbench.detectors.base import DETECTORS, Detector, DetectorInput, NotApplicable, create
 
-# isort: split
-# feature-distance / density family (knn, nnguide, mahalanobis++, rmds, gmm, vim, she,
-# kl-matching, openmax)
-from oodbench.detectors import gaussians, knn, templates, vim  # noqa: F401
-
-__all__ = ["DETECTORS", "Detector", "DetectorInput", "create"]
+__all__ = ["DETECTORS", "Detector", "DetectorInput", "NotApplicable", "create"]

@@ -222,6 +222,10 @@ class Detector:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.grid and "selection" not in cls.hparams:  # every grid can be searched
+            cls.hparams = {**cls.hparams, **grid_selection_hparams()}
+        if cls.grid and not cls.selection_modes:
+            cls.selection_modes = GRID_SELECTION_MODES
         bad = [n for n, h in cls.hparams.items() if not isinstance(h, HParam)]
         if bad:
             raise TypeError(f"{cls.__name__}.hparams {bad} must be HParam(default, type, ...)")
@@ -378,9 +382,12 @@ class Detector:
         candidates = {}
         for key, point in points.items():
             self.selected = dict(point)
-            candidates[key] = (np.asarray(self.score(val), dtype=np.float64),
-                               None if neg is None else np.asarray(self.score(neg),
-                                                                   dtype=np.float64))
+            try:
+                candidates[key] = (np.asarray(self.score(val), dtype=np.float64),
+                                   None if neg is None else np.asarray(self.score(neg),
+                                                                       dtype=np.float64))
+            except NotApplicable:  # e.g. a subspace larger than the features: not a candidate
+                candidates[key] = (np.full(len(val), np.nan), None)
         self.selected = {}
         best, table = choose(candidates, "id" if mode == "id" else "auroc")
         self.selected = dict(points[best])

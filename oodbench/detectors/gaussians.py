@@ -154,8 +154,9 @@ class ClassGMM(_FeatureGaussian):
                              doc="one shared covariance (tied) or one per class (full)"),
         "shrinkage": HParam(0.0, float, ge=0, doc="covariance shrinkage α (Σ + α·tr(Σ)/D·I)"),
     }
-    grid: ClassVar[dict[str, list]] = {"covariance": ["tied", "full"],
-                                       "shrinkage": [0.0, 0.001, 0.01, 0.1]}
+    # covariance and shrinkage shape the fit itself: a search over them would refit on the
+    # train split per point, which `select` (validation data only) cannot; set them with -p.
+    grid: ClassVar[dict[str, list]] = {}
 
     def fit(self, train: DetectorInput) -> ClassGMM:
         feats = features_of(train, "gmm")

@@ -16,12 +16,6 @@ import numpy as np
 import torch
 
 from oodbench.detectors.base import DetectorInput
-from oodbench.errors import OodbenchError
-
-try:  # the base module's NotApplicable(OodbenchError) once it exists (another branch adds it)
-    from oodbench.detectors.base import NotApplicable  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - until that branch is merged
-    NotApplicable = OodbenchError
 
 CHUNK = 4096  # rows of train / test outputs read at a time
 QUERY_CHUNK = 1024  # queries per exact top-k block
@@ -74,17 +68,6 @@ def num_classes(train: DetectorInput) -> int:
     if train.head is not None:
         return int(train.head[0].shape[0])
     return int(train.labels.max()) + 1
-
-
-def require_head(data: DetectorInput, who: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W: C×D, b: C) in float64, or NotApplicable for prototype (distance) heads."""
-    if data.head is None:
-        raise NotApplicable(
-            f"not applicable: {who} needs a linear classifier head (logits = f Wᵀ + b); this "
-            "model's head is a prototype (distance) head (IsoMax, IsoMax+, DisMax)",
-            f"score {who} on a run trained with a linear head (e.g. the softmax loss)")
-    w, b = data.head
-    return w.double().cpu(), b.double().cpu()
 
 
 def topk_scores(queries: torch.Tensor, bank: torch.Tensor, k: int,

@@ -17,7 +17,7 @@ eigenbasis of M and the train mean residual for EVERY dim (one extra streamed pa
 changing `dim` (e.g. a grid over it) needs no refit; a dim ≥ D is NotApplicable.
 
 Prototype heads (IsoMax, IsoMax+, DisMax): there is no (W, b), so u is undefined; ViM refuses
-with NotApplicable (an OodbenchError whose message starts "not applicable:").
+with NotApplicable (an OodbenchError: "vim is not applicable: ...").
 """
 
 from __future__ import annotations
@@ -27,12 +27,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from oodbench.detectors.base import DETECTORS, Detector, DetectorInput, HParam
+from oodbench.detectors.base import DETECTORS, Detector, DetectorInput, HParam, NotApplicable
 from oodbench.detectors.streaming import (
-    NotApplicable,
     features_of,
     logits_of,
-    require_head,
     rows,
 )
 
@@ -50,6 +48,8 @@ class ViM(Detector):
     needs = frozenset({"logits", "features", "head"})
     requires_fit = True
     applies_to_prototype_heads: ClassVar[bool | str] = False
+    prototype_head_reason = ("ViM's origin u = −W⁺b and its energy term need the linear head's "
+                             "W, b; this model's head is a distance to prototypes")
     hparams = {"dim": HParam(0, int, ge=0, doc="principal-subspace size (0: the paper's rule: "
                                                "1000 if D>=2048, 512 if D>=768, else D/2)")}
     grid: ClassVar[dict[str, list]] = {"dim": [0, 16, 32, 64, 128, 256, 512, 1000]}
@@ -59,7 +59,7 @@ class ViM(Detector):
         self.u: torch.Tensor | None = None
 
     def fit(self, train: DetectorInput) -> ViM:
-        w, b = require_head(train, "vim")
+        w, b = self.linear_head(train)
         feats = features_of(train, "vim")
         u = -torch.linalg.pinv(w) @ b
         d = feats.shape[1]
@@ -91,8 +91,8 @@ class ViM(Detector):
         d = len(self.u)
         k = int(self.params["dim"]) or auto_dim(d)
         if not 1 <= k < d:
-            raise NotApplicable(f"not applicable: vim.dim = {k} must be in [1, D) for feature "
-                                f"dimension D = {d}", f"pass -p vim.dim={auto_dim(d) or 1}")
+            raise NotApplicable("vim", f"vim.dim = {k} must be in [1, D) for feature dimension "
+                                f"D = {d} (pass e.g. -p vim.dim={auto_dim(d) or 1})")
         return k
 
     @property
