@@ -296,6 +296,11 @@ def score(
     ood_validation: Annotated[str | None, typer.Option(metavar="DATASET",
         help="Dataset used as OOD validation data with --selection ood (explicit opt-in); a "
              "split disjoint from every test set is used, checked by image content.")] = None,
+    oracle: Annotated[str | None, typer.Option(
+        metavar="OOD_SET",
+        help="ORACLE: detectors with a hyperparameter grid select on this OOD TEST set (an "
+             "upper bound no deployment can reach; recorded and labelled in the report).")
+    ] = None,
     runs_root: RunsRoot = Path("runs"),
     benchmark: BenchmarkFilter = None,
     loss: LossFilter = None,
@@ -322,7 +327,7 @@ def score(
     for run in _runs(run_dir, runs_root, benchmark, loss, seed):
         with progress_factory() as pf:
             m = score_run(run, ctx, dev, detector, calibrated, pf, params, selection,
-                          ood_validation, batch_size)
+                          ood_validation, batch_size, oracle)
         _print_scores(run.path, m)
 
 
@@ -346,6 +351,8 @@ def parse_params(items: list[str] | None) -> dict[str, dict[str, object]]:
 
 
 def _print_scores(run_dir: Path, m: dict[str, Any]) -> None:
+    from rich.markup import escape
+
     from oodbench.console import console, out
 
     if m["images_forwarded"] == 0:
@@ -361,6 +368,9 @@ def _print_scores(run_dir: Path, m: dict[str, Any]) -> None:
     t.add_column("cost", justify="right")
     for d in m["scored"]:
         r = m["detectors"][d]
+        if r.get("applicable") is False:
+            t.add_row(d, *[f"n/a ({escape(r['reason'])})" for _ in m["ood_sets"]], "")
+            continue
         t.add_row(d, *[f"{r['ood'][o]['auroc']:.1%} / {r['ood'][o]['fpr_at_tpr95']:.1%}"
                        if o in r["ood"] else "n/a" for o in m["ood_sets"]],
                   f"{r.get('cost', float('nan')):.2f}×")
@@ -507,36 +517,63 @@ def data(
 
 @command("list")
 def list_(
-    what: Annotated[str, typer.Argument(metavar="WHAT",
-        help="losses, detectors, models, datasets or benchmarks.")] = "all",
+    what: Annotated[str, typer.Argument(
+        metavar="WHAT", help="losses, detectors, models, datasets or benchmarks.")] = "all",
+    markdown: Annotated[bool, typer.Option(
+        metavar="", help="Print the detector table as Markdown (the README's table).")] = False,
 ) -> None:
-    """List what the registries hold (each is the one place to add a member)."""
-    from oodbench.config import available_benchmarks
+    """List what the registries hold (each is the one place to add a member); detectors with
+    their paper, needs, fit, defaults, selection grid and the loss × detector applicability.
+
+    Example: `oodbench list detectors` · `oodbench list detectors --markdown`
+    """
+    from oodbench.catalog import detector_markdown
     from oodbench.console import out
+
+    tables = {"losses": _simple_rows, "detectors": _detector_table, "models": _simple_rows,
+              "datasets": _simple_rows, "benchmarks": _simple_rows}
+    if what != "all" and what not in tables:
+        raise OodbenchError(f"cannot list {what!r}", f"use one of: all, {', '.join(tables)}")
+    if markdown:
+        if what != "detectors":
+            raise OodbenchError("--markdown prints the detector table",
+                                "run `oodbench list detectors --markdown`")
+        out.file.write(detector_markdown())
+        return
+    for name, build in tables.items():
+        if what in ("all", name):
+            out.print(build(name))
+
+
+def _simple_rows(what: str) -> Table:
+    from oodbench.config import available_benchmarks
     from oodbench.data import DATASETS
-    from oodbench.detectors import DETECTORS
     from oodbench.losses import LOSSES
     from oodbench.models import MODELS
 
-    tables = {
-        "losses": [(n, s.summary) for n, s in LOSSES.items()],
-        "detectors": [(n, f"{c.summary} · needs {', '.join(sorted(c.needs))}"
-                       + (" · fit on in-dist train" if c.requires_fit else ""))
-                      for n, c in DETECTORS.items()],
-        "models": [(n, s.summary) for n, s in MODELS.items()],
-        "datasets": [(n, s.summary) for n, s in DATASETS.items()],
-        "benchmarks": [(n, str(p)) for n, p in available_benchmarks().items()],
-    }
-    if what != "all" and what not in tables:
-        raise OodbenchError(f"cannot list {what!r}", f"use one of: all, {', '.join(tables)}")
-    for name, rows in tables.items():
-        if what in ("all", name):
-            t = Table(title=name)
-            t.add_column("name")
-            t.add_column("description")
-            for r in rows:
-                t.add_row(*r)
-            out.print(t)
+    rows = {"losses": lambda: [(n, s.summary) for n, s in LOSSES.items()],
+            "models": lambda: [(n, s.summary) for n, s in MODELS.items()],
+            "datasets": lambda: [(n, s.summary) for n, s in DATASETS.items()],
+            "benchmarks": lambda: [(n, str(p)) for n, p in available_benchmarks().items()]}
+    t = Table(title=what)
+    t.add_column("name")
+    t.add_column("description")
+    for r in rows[what]():
+        t.add_row(*r)
+    return t
+
+
+def _detector_table(what: str) -> Table:
+    from oodbench.catalog import detector_rows
+    from oodbench.losses import LOSSES
+
+    t = Table(title=f"{what} (✓ applies, n/a refuses: needs a linear head)")
+    for c in ("name", "paper", "needs", "fitted on", "defaults", "grid", *LOSSES.names()):
+        t.add_column(c)
+    for r in detector_rows():
+        t.add_row(r.name, r.paper, r.needs, r.fit, r.defaults, r.grid,
+                  *(r.applies[loss] for loss in LOSSES.names()))
+    return t
 
 
 def main() -> None:  # pragma: no cover

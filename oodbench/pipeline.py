@@ -141,20 +141,23 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
               detectors: list[str] | None = None, calibrated: bool = False,
               progress: ProgressFactory = no_progress,
               params: dict[str, dict[str, Any]] | None = None, selection: str | None = None,
-              ood_validation: str | None = None, batch_size: int | None = None
-              ) -> dict[str, Any]:
+              ood_validation: str | None = None, batch_size: int | None = None,
+              oracle: str | None = None) -> dict[str, Any]:
     """Score detectors on the in-distribution test set and every OOD set; write the scores and
     metrics.json (merged with the results of detectors scored earlier on the same weights).
 
     Honest validation: `fit` sees only in-distribution TRAIN data and `select` only the
     in-distribution validation split, plus the OOD validation set (a split disjoint, by
     content, from every test set) only for detectors in "ood" selection mode. All fitting and
-    selection is done before any test set is handed to a detector."""
+    selection is done before any test set is handed to a detector. `oracle` (an OOD test
+    set's name) lets detectors with a hyperparameter grid select on that test set: an oracle
+    choice, recorded as such and labelled in the report, never the default."""
     cfg = run.config()
     lr = load_run(run, device, progress, batch_size)
     temperature, calibration = _temperature(run, lr, calibrated)
-    dets = build_detectors(detectors or list(cfg.benchmark.detectors), params, selection)
-    p = plan(dets, lr.model.block_names, temperature, calibrated, ood_validation)
+    dets = build_detectors(detectors or list(cfg.benchmark.detectors), params, selection,
+                           oracle=oracle is not None)
+    p = plan(dets, lr.model.block_names, temperature, calibrated, ood_validation, oracle)
     _check_blocks(p, cfg.benchmark.model)
     sets: SetBundle = load_sets(cfg, p, ctx, device)
     choose_batch_size(lr, run, sets.test)

@@ -31,7 +31,8 @@ import torch
 from oodbench.cache import CacheEntry, EntryWriter, Outputs, cache_key, forward_into
 from oodbench.config import OODSet, RunConfig
 from oodbench.data import DataContext, ImageSet, InputTransform, get_dataset
-from oodbench.detectors import DETECTORS, Detector, DetectorInput
+from oodbench.detectors import DETECTORS, Detector, DetectorInput, NotApplicable
+from oodbench.detectors.base import ORACLE_MODE
 from oodbench.detectors.gradients import frozen
 from oodbench.errors import OodbenchError
 from oodbench.experiment import in_distribution_info, load_in_distribution, load_ood
@@ -60,6 +61,8 @@ class Plan:
     temperature: float = 1.0
     calibrated: bool = False
     ood_validation: str | None = None
+    oracle: str | None = None  # an OOD TEST set that grid selections may read (--oracle)
+    not_applicable: dict[str, str] = field(default_factory=dict)  # detector → reason
 
     @property
     def fitting(self) -> list[str]:
@@ -76,11 +79,24 @@ class Plan:
     def wants_ood_validation(self) -> list[str]:
         return [n for n, d in self.detectors.items() if d.selection_mode == "ood"]
 
+    @property
+    def wants_oracle(self) -> list[str]:
+        return [n for n, d in self.detectors.items() if d.selection_mode == ORACLE_MODE]
+
+    def refuse(self, name: str, e: NotApplicable) -> None:
+        """Drop a detector that cannot apply to this model; the report shows n/a (reason)."""
+        self.not_applicable[name] = e.reason
+        self.detectors.pop(name, None)
+
 
 def build_detectors(names: list[str], params: dict[str, dict[str, Any]] | None = None,
-                    selection: str | None = None) -> dict[str, Detector]:
+                    selection: str | None = None, oracle: bool = False
+                    ) -> dict[str, Detector]:
     """Detectors by name with the user's hyperparameters (typed and checked at creation);
-    `selection` applies to every detector that has a selection step."""
+    `selection` applies to every detector that has a selection step. `oracle` makes every
+    detector with a grid select on an OOD test set instead (explicit opt-in, labelled)."""
+    if oracle:
+        selection = ORACLE_MODE
     params = params or {}
     unknown = set(params) - set(names)
     if unknown:
@@ -90,18 +106,20 @@ def build_detectors(names: list[str], params: dict[str, dict[str, Any]] | None =
     for n in dict.fromkeys(names):
         hp = dict(params.get(n, {}))
         cls = DETECTORS.get(n)
-        if selection is not None and cls.selection_modes and "selection" not in hp:
+        takes = cls.grid if selection == ORACLE_MODE else cls.selection_modes
+        if selection is not None and takes and "selection" not in hp:
             hp["selection"] = selection
-        dets[n] = cls(**hp)
+        dets[n] = cls(oracle=oracle, **hp)
     if selection is not None and not any(d.selection_modes for d in dets.values()):
-        raise OodbenchError(f"--selection {selection} given, but none of {names} selects anything",
-                            "selection applies to odin, mahalanobis and mahalanobis-ensemble")
+        able = [n for n, c in DETECTORS.items() if c.selection_modes]
+        raise OodbenchError(f"--selection / --oracle given, but none of {names} selects anything",
+                            f"selection applies to {', '.join(able)}")
     return dets
 
 
 def plan(detectors: dict[str, Detector], block_names: tuple[str, ...],
          temperature: float = 1.0, calibrated: bool = False,
-         ood_validation: str | None = None) -> Plan:
+         ood_validation: str | None = None, oracle: str | None = None) -> Plan:
     """The outputs every set needs. The test set always needs the base outputs (logits for the
     classification metrics); block summaries only where a detector reads them. Which detectors
     score through the shared gradient forward is settled after selection (`settle_shared`):
@@ -110,7 +128,7 @@ def plan(detectors: dict[str, Detector], block_names: tuple[str, ...],
         return frozenset().union(*(detectors[n].required_outputs(block_names) for n in names))
 
     p = Plan(detectors, block_names, keys(list(detectors)) | set(BASE_OUTPUTS), frozenset(),
-             frozenset(), (), (), temperature, calibrated, ood_validation)
+             frozenset(), (), (), temperature, calibrated, ood_validation, oracle)
     p.fit_keys = keys(p.fitting)
     p.select_keys = keys(p.selecting)
     _check_ood_validation(p)
@@ -133,6 +151,10 @@ def _check_ood_validation(p: Plan) -> None:
     if p.ood_validation and not p.wants_ood_validation:
         raise OodbenchError("--ood-validation is used only with --selection ood",
                             "add --selection ood (OOD data is never used unless asked)")
+    if p.oracle and not p.wants_oracle:
+        raise OodbenchError(f"--oracle {p.oracle}: none of {list(p.detectors)} has a "
+                            "hyperparameter grid to select", "drop --oracle, or score a "
+                            "detector with a grid (see `oodbench list detectors`)")
 
 
 # ------------------------------------------------------------------------------------ load sets
@@ -166,6 +188,13 @@ class SetBundle:
     def evaluated(self) -> list[EvalSet]:
         return [self.test, *self.ood]
 
+    def ood_set(self, name: str) -> EvalSet:
+        for o in self.ood:
+            if o.name == name:
+                return o
+        raise OodbenchError(f"--oracle {name}: no OOD test set of that name",
+                            f"use one of: {', '.join(o.name for o in self.ood)}")
+
 
 def load_sets(cfg: RunConfig, p: Plan, ctx: DataContext, device: torch.device) -> SetBundle:
     """Every set the plan needs, each moved to the device once; OOD test sets are all loaded
@@ -185,6 +214,8 @@ def load_sets(cfg: RunConfig, p: Plan, ctx: DataContext, device: torch.device) -
     if p.ood_validation:
         bundle.ood_val = load_ood_validation(cfg, p.ood_validation, ctx, device)
         check_disjoint(bundle.ood_val, bundle.evaluated)
+    if p.oracle:
+        bundle.ood_set(p.oracle)  # the name is checked before any work
     return bundle
 
 
@@ -416,28 +447,46 @@ class Setup:
 
 def fit_select(lr: LoadedRun, p: Plan, sets: SetBundle) -> Setup:
     """Fit on in-distribution TRAIN data, then select on the validation split (and the OOD
-    validation set only for detectors in "ood" mode). No test set has been touched yet."""
+    validation set only for detectors in "ood" mode; an OOD TEST set only for "oracle" mode,
+    asked for with --oracle). No test set has been scored yet. A detector that cannot apply to
+    this model (`NotApplicable`) is dropped and recorded with its reason."""
     seconds: dict[str, dict[str, float]] = {n: {} for n in p.detectors}
     if p.fitting:
         assert sets.train is not None
         train = detector_input(lr, sets.train, cached_outputs(lr, sets.train, p.fit_keys), p)
         for n in p.fitting:
-            tic = time.perf_counter()
-            p.detectors[n].fit(train)
-            seconds[n]["fit"] = time.perf_counter() - tic
+            _timed(p, n, seconds[n], "fit", lambda d: d.fit(train))
     if p.selecting:
         assert sets.val is not None
         val = detector_input(lr, sets.val, cached_outputs(lr, sets.val, p.select_keys), p)
-        ood_val = None
-        if sets.ood_val is not None:
-            ood_val = detector_input(lr, sets.ood_val,
-                                     cached_outputs(lr, sets.ood_val, p.select_keys), p)
+        extra = {n: _selection_negatives(lr, p, sets, n) for n in p.selecting}
         for n in p.selecting:
-            tic = time.perf_counter()
-            p.detectors[n].select(val, ood_val if n in p.wants_ood_validation else None)
-            seconds[n]["select"] = time.perf_counter() - tic
+            _timed(p, n, seconds[n], "select", lambda d, n=n: d.select(val, extra[n]))
     settle_shared(p)
     return Setup(seconds)
+
+
+def _timed(p: Plan, name: str, into: dict[str, float], step: str,
+           call: Callable[[Detector], Any]) -> None:
+    tic = time.perf_counter()
+    try:
+        call(p.detectors[name])
+    except NotApplicable as e:
+        p.refuse(name, e)
+    into[step] = time.perf_counter() - tic
+
+
+def _selection_negatives(lr: LoadedRun, p: Plan, sets: SetBundle,
+                         name: str) -> DetectorInput | None:
+    """The OOD data a detector's selection may read: the OOD validation set in "ood" mode, the
+    named OOD test set in "oracle" mode, nothing otherwise (FGSM copies are made inside)."""
+    if name in p.wants_ood_validation and sets.ood_val is not None:
+        es = sets.ood_val
+    elif name in p.wants_oracle and p.oracle:
+        es = sets.ood_set(p.oracle)
+    else:
+        return None
+    return detector_input(lr, es, cached_outputs(lr, es, p.select_keys), p)
 
 
 # -------------------------------------------------------------------------------------- score
@@ -464,7 +513,7 @@ def score_sets(lr: LoadedRun, p: Plan, results: list[SetResult]) -> dict[str, De
              if all(r.timed_here for r in results) else
              "forward time stored with the cache entries (no forward pass ran now)")
     out = {}
-    for name, det in p.detectors.items():
+    for name, det in list(p.detectors.items()):
         per_set, own = {}, 0.0
         for r in results:
             if name in p.shared:
@@ -472,8 +521,14 @@ def score_sets(lr: LoadedRun, p: Plan, results: list[SetResult]) -> dict[str, De
                 own += r.shared_seconds[name]
                 continue
             tic = time.perf_counter()
-            per_set[r.set.name] = det(detector_input(lr, r.set, r.outputs, p))
+            try:
+                per_set[r.set.name] = det(detector_input(lr, r.set, r.outputs, p))
+            except NotApplicable as e:
+                p.refuse(name, e)
+                break
             own += time.perf_counter() - tic
+        if name in p.not_applicable:
+            continue
         total = (recorded + own) if name in p.shared else (plain + own)
         out[name] = DetectorScores(per_set, own, total / max(plain, 1e-12), basis)
     return out
@@ -529,8 +584,10 @@ def assemble(cfg: RunConfig, lr: LoadedRun, p: Plan, sets: SetBundle,
         "seed": cfg.seed, "ood_sets": {o.name: o.group for o in bench.ood},
         "n": {r.set.name: len(r.set.data) for r in results},
         "classification": classification, "calibration": calibration,
-        "detectors": {n: detector_record(d, scores[n], test.name, p, setup.seconds[n], correct)
-                      for n, d in p.detectors.items()},
+        "detectors": {**{n: detector_record(d, scores[n], test.name, p, setup.seconds[n],
+                                            correct) for n, d in p.detectors.items()},
+                      **{n: {"applicable": False, "reason": reason, "ood": {}}
+                         for n, reason in p.not_applicable.items()}},
         "forward": {r.set.name: {"seconds": r.forward_seconds, "timed_here": r.timed_here,
                                  "computed": r.computed} for r in results},
         "batch_size": lr.batch_size, "weights": lr.weights, "code": lr.code,

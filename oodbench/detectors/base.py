@@ -217,6 +217,7 @@ class Detector:
     # On a prototype head (DetectorInput.head is None): True (the detector does not read the
     # head), False (it refuses with NotApplicable, giving `prototype_head_reason`), or a string
     # describing how it adapts.
+    paper: ClassVar[str] = ""  # the method's source, set at registration (`paper=`)
     applies_to_prototype_heads: ClassVar[bool | str] = True
     prototype_head_reason: ClassVar[str] = ""
 

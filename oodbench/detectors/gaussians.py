@@ -65,7 +65,7 @@ class _FeatureGaussian(Detector):
     grid: ClassVar[dict[str, list]] = {}
 
 
-@DETECTORS.register("mahalanobis++")
+@DETECTORS.register("mahalanobis++", paper="Mueller & Hein, 2025 (Mahalanobis++)")
 class MahalanobisPlusPlus(_FeatureGaussian):
     """−min_c MD_c(f/‖f‖₂), tied-covariance class Gaussians of normalised train features."""
 
@@ -83,7 +83,7 @@ class MahalanobisPlusPlus(_FeatureGaussian):
         return torch.cat(out).numpy() if out else np.empty(0)
 
 
-@DETECTORS.register("rmds")
+@DETECTORS.register("rmds", paper="Ren et al., 2021 (relative Mahalanobis)")
 class RelativeMahalanobis(_FeatureGaussian):
     """MD_0(x) − min_c MD_c(x): class Gaussians relative to a background Gaussian."""
 
@@ -144,7 +144,8 @@ def _fit_full(feats: Any, labels: torch.Tensor, c: int, shrinkage: float) -> lis
     return out
 
 
-@DETECTORS.register("gmm")
+@DETECTORS.register("gmm",
+                    paper="class-conditional Gaussian mixture (Lee et al. 2018's generative view)")
 class ClassGMM(_FeatureGaussian):
     """log Σ_c π_c N(x; μ_c, Σ_c) of the class-conditional Gaussian mixture (tied or full Σ)."""
 

@@ -62,7 +62,7 @@ class _ChannelSoftmaxScore(Detector):
         return self.sign * stats[:, SOFTMAX_STATS.index(self.column)].double().numpy()
 
 
-@DETECTORS.register("intermediate-msp-max")
+@DETECTORS.register("intermediate-msp-max", paper="intermediate-layer softmax (MiSP thesis)")
 class IntermediateMspMax(_ChannelSoftmaxScore):
     """Max over positions of the channel-softmax max."""
 
@@ -70,7 +70,7 @@ class IntermediateMspMax(_ChannelSoftmaxScore):
     summary = "max over positions of the channel-softmax max (a block; layer=)"
 
 
-@DETECTORS.register("intermediate-msp-min")
+@DETECTORS.register("intermediate-msp-min", paper="intermediate-layer softmax (MiSP thesis)")
 class IntermediateMspMin(_ChannelSoftmaxScore):
     """Min over positions of the channel-softmax max."""
 
@@ -78,7 +78,7 @@ class IntermediateMspMin(_ChannelSoftmaxScore):
     summary = "min over positions of the channel-softmax max (a block; layer=)"
 
 
-@DETECTORS.register("intermediate-msp-mean")
+@DETECTORS.register("intermediate-msp-mean", paper="intermediate-layer softmax (MiSP thesis)")
 class IntermediateMspMean(_ChannelSoftmaxScore):
     """Mean over positions of the channel-softmax max."""
 
@@ -86,7 +86,7 @@ class IntermediateMspMean(_ChannelSoftmaxScore):
     summary = "mean over positions of the channel-softmax max (a block; layer=)"
 
 
-@DETECTORS.register("intermediate-misp-max")
+@DETECTORS.register("intermediate-misp-max", paper="intermediate-layer softmax (MiSP thesis)")
 class IntermediateMispMax(_ChannelSoftmaxScore):
     """Minus the max over positions of the channel-softmax min."""
 
@@ -94,7 +94,7 @@ class IntermediateMispMax(_ChannelSoftmaxScore):
     summary = "minus the max over positions of the channel-softmax min (a block; layer=)"
 
 
-@DETECTORS.register("intermediate-misp-mean")
+@DETECTORS.register("intermediate-misp-mean", paper="intermediate-layer softmax (MiSP thesis)")
 class IntermediateMispMean(_ChannelSoftmaxScore):
     """Minus the mean over positions of the channel-softmax min."""
 
@@ -102,7 +102,7 @@ class IntermediateMispMean(_ChannelSoftmaxScore):
     summary = "minus the mean over positions of the channel-softmax min (a block; layer=)"
 
 
-@DETECTORS.register("intermediate-misp")
+@DETECTORS.register("intermediate-misp", paper="intermediate-layer softmax (MiSP thesis)")
 class IntermediateMisp(_ChannelSoftmaxScore):
     """The MiSP thesis score: minus the min over positions of the channel-softmax min."""
 

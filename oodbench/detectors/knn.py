@@ -65,7 +65,7 @@ class _BankDetector(Detector):
         self.bank = bank
 
 
-@DETECTORS.register("knn")
+@DETECTORS.register("knn", paper="Sun et al., ICML 2022 (deep KNN)")
 class KNN(_BankDetector):
     """−(distance to the k-th nearest L2-normalised train feature) (Sun et al. 2022)."""
 
@@ -93,7 +93,7 @@ class KNN(_BankDetector):
         return torch.cat(out).numpy() if out else np.empty(0)
 
 
-@DETECTORS.register("nnguide")
+@DETECTORS.register("nnguide", paper="Park et al., ICCV 2023 (NNGuide)")
 class NNGuide(_BankDetector):
     """energy(x) · mean top-k of z(x)·(energyᵢ zᵢ) over the train bank (Park et al. 2023)."""
 

@@ -40,7 +40,7 @@ class _LogitScore(Detector):
         return self.compute(logits, torch.log_softmax(logits, dim=1)).numpy()
 
 
-@DETECTORS.register("msp")
+@DETECTORS.register("msp", paper="Hendrycks & Gimpel, ICLR 2017")
 class MSP(_LogitScore):
     summary = "maximum softmax probability"
 
@@ -48,7 +48,7 @@ class MSP(_LogitScore):
         return log_p.max(dim=1).values.exp()
 
 
-@DETECTORS.register("maxlogit")
+@DETECTORS.register("maxlogit", paper="Hendrycks et al., ICML 2022 (Scaling OOD detection)")
 class MaxLogit(_LogitScore):
     summary = "maximum logit"
 
@@ -56,7 +56,8 @@ class MaxLogit(_LogitScore):
         return logits.max(dim=1).values
 
 
-@DETECTORS.register("entropy")
+@DETECTORS.register("entropy",
+                    paper="negative predictive entropy (e.g. Macêdo et al., IsoMax, 2021)")
 class Entropy(_LogitScore):
     summary = "negative entropy of the softmax"
 
@@ -64,7 +65,8 @@ class Entropy(_LogitScore):
         return neg_entropy(log_p)
 
 
-@DETECTORS.register("misp")
+@DETECTORS.register("misp",
+                    paper="minimum softmax probability (MiSP, the intermediate-layer thesis)")
 class MiSP(_LogitScore):
     summary = "minus the minimum softmax probability (last layer)"
 
@@ -72,7 +74,7 @@ class MiSP(_LogitScore):
         return -log_p.min(dim=1).values.exp()
 
 
-@DETECTORS.register("energy")
+@DETECTORS.register("energy", paper="Liu et al., NeurIPS 2020 (Energy-based OOD detection)")
 class Energy(Detector):
     """Negative free energy T · logsumexp(logits / T) (Liu et al. 2020)."""
 
@@ -85,22 +87,22 @@ class Energy(Detector):
         return (t * torch.logsumexp(data.logits.double() / t, dim=1)).numpy()
 
 
-@DETECTORS.register("mps")
+@DETECTORS.register("mps", paper="Macêdo et al., 2022 (DisMax)")
 class MPS(MSP):
     summary = "DisMax maximum probability score"
 
 
-@DETECTORS.register("es")
+@DETECTORS.register("es", paper="Macêdo et al., 2022 (DisMax)")
 class ES(Entropy):
     summary = "DisMax negative entropy score"
 
 
-@DETECTORS.register("mds")
+@DETECTORS.register("mds", paper="Macêdo et al., 2022 (DisMax)")
 class MDS(MaxLogit):
     summary = "DisMax minimum distance score (max logit)"
 
 
-@DETECTORS.register("mmls")
+@DETECTORS.register("mmls", paper="Macêdo et al., 2022 (DisMax)")
 class MMLS(_LogitScore):
     summary = "DisMax max + mean logit score"
 
@@ -108,7 +110,7 @@ class MMLS(_LogitScore):
         return logits.max(dim=1).values + logits.mean(dim=1)
 
 
-@DETECTORS.register("mmles")
+@DETECTORS.register("mmles", paper="Macêdo et al., 2022 (DisMax)")
 class MMLES(_LogitScore):
     summary = "DisMax max + mean logit − entropy score"
 
@@ -116,7 +118,7 @@ class MMLES(_LogitScore):
         return logits.max(dim=1).values + logits.mean(dim=1) + neg_entropy(log_p)
 
 
-@DETECTORS.register("mmleps")
+@DETECTORS.register("mmleps", paper="Macêdo et al., 2022 (DisMax)")
 class MMLEPS(_LogitScore):
     summary = "DisMax max + mean logit − entropy + max probability score"
 

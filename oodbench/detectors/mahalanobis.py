@@ -190,7 +190,7 @@ COMMON = {
     "shrinkage": HParam(0.0, float, ge=0, doc="covariance shrinkage α (Σ + α·tr(Σ)/D·I)"),
     "batch_size": HParam(GRAD_BATCH, int, ge=1, doc="samples per gradient batch"),
 }
-@DETECTORS.register("mahalanobis")
+@DETECTORS.register("mahalanobis", paper="Lee et al., NeurIPS 2018")
 class Mahalanobis(Detector):
     summary = "Mahalanobis: tied-covariance class Gaussians on one layer (layer=features)"
     needs = frozenset({"features"})
@@ -271,7 +271,7 @@ class Mahalanobis(Detector):
                                lambda x, out: self.score_batch(x, out, data))
 
 
-@DETECTORS.register("mahalanobis-ensemble")
+@DETECTORS.register("mahalanobis-ensemble", paper="Lee et al., NeurIPS 2018")
 class MahalanobisEnsemble(Detector):
     summary = ("Mahalanobis over every block, logistic-regression weights from in-dist vs "
                "FGSM samples")

@@ -78,7 +78,7 @@ def odin_scores(data: DetectorInput, temperature: float, epsilons: list[float],
         data, x, out.logits, temperature, epsilons).T).T
 
 
-@DETECTORS.register("odin")
+@DETECTORS.register("odin", paper="Liang et al., ICLR 2018 (ODIN)")
 class ODIN(Detector):
     summary = "ODIN: temperature scaling + input preprocessing (T=1000, ε=0.0014)"
     needs = frozenset({"grad"})

@@ -239,7 +239,7 @@ class _TrainPercentiles(_ShapedEnergy):
         return self._thresholds[percentile]
 
 
-@DETECTORS.register("react")
+@DETECTORS.register("react", paper="Sun, Guo & Li, NeurIPS 2021 (ReAct)")
 class ReAct(_TrainPercentiles):
     summary = "ReAct: features clipped at the 90th train percentile, then energy"
     hparams = {"percentile": _percent("clip at this percentile of the train activations", 90.0),
@@ -251,7 +251,7 @@ class ReAct(_TrainPercentiles):
         return f.clamp(max=self.threshold(self.params["percentile"]))
 
 
-@DETECTORS.register("vra")
+@DETECTORS.register("vra", paper="Xu, Lian, Liu & Tao, NeurIPS 2023 (VRA)")
 class VRA(_TrainPercentiles):
     summary = "VRA-P: zero below the 10th, clip above the 90th train percentile, then energy"
     hparams = {
@@ -278,7 +278,7 @@ class VRA(_TrainPercentiles):
         return torch.where(f > hi, torch.full_like(f, hi), mid)
 
 
-@DETECTORS.register("bfact")
+@DETECTORS.register("bfact", paper="Kong & Li, 2022 (BFAct)")
 class BFAct(_TrainPercentiles):
     summary = "BFAct: Butterworth-filter bounded activations (T = 90th train percentile), energy"
     hparams = {"percentile": _percent("T at this percentile of the train activations", 90.0),
@@ -309,7 +309,7 @@ class _PerSample(_ShapedEnergy):
         return mask, f.sum(1, keepdim=True), k
 
 
-@DETECTORS.register("ash-p")
+@DETECTORS.register("ash-p", paper="Djurisic et al., ICLR 2023 (ASH)")
 class ASHP(_PerSample):
     summary = "ASH-P: keep the top 10% of each feature vector, zero the rest, energy"
     what = "ASH recomputes the logits of shaped features with the linear head's W, b"
@@ -319,7 +319,7 @@ class ASHP(_PerSample):
         return torch.where(mask, f, torch.zeros_like(f))
 
 
-@DETECTORS.register("ash-b")
+@DETECTORS.register("ash-b", paper="Djurisic et al., ICLR 2023 (ASH)")
 class ASHB(_PerSample):
     summary = "ASH-B: top 10% set to (sum of the features)/k, the rest 0, energy"
     what = "ASH recomputes the logits of shaped features with the linear head's W, b"
@@ -329,7 +329,7 @@ class ASHB(_PerSample):
         return torch.where(mask, (s1 / k).expand_as(f), torch.zeros_like(f))
 
 
-@DETECTORS.register("ash-s")
+@DETECTORS.register("ash-s", paper="Djurisic et al., ICLR 2023 (ASH)")
 class ASHS(_PerSample):
     summary = "ASH-S: top 10% scaled by exp(sum all / sum kept), the rest 0, energy"
     what = "ASH recomputes the logits of shaped features with the linear head's W, b"
@@ -342,7 +342,7 @@ class ASHS(_PerSample):
         return pruned * torch.exp(ratio)
 
 
-@DETECTORS.register("scale")
+@DETECTORS.register("scale", paper="Xu, Chen, Franchi & Yao, ICLR 2024 (SCALE)")
 class SCALE(_PerSample):
     summary = "SCALE: features times exp(sum all / sum of the top 15%), energy"
     hparams = {"percentile": _percent("per-sample percentile of the activations in s2", 85.0),
@@ -356,7 +356,7 @@ class SCALE(_PerSample):
         return f * torch.exp(ratio)
 
 
-@DETECTORS.register("dice")
+@DETECTORS.register("dice", paper="Sun & Li, ECCV 2022 (DICE)")
 class DICE(_HeadDetector):
     summary = "DICE: head weights sparsified by train contribution (keep top 10%), energy"
     requires_fit = True
@@ -384,7 +384,7 @@ class DICE(_HeadDetector):
         return torch.cat([energy(f @ ws.T + b) for f in rows(_features(data))]).numpy()
 
 
-@DETECTORS.register("gradnorm")
+@DETECTORS.register("gradnorm", paper="Huang, Geng & Li, NeurIPS 2021 (GradNorm)")
 class GradNorm(_HeadDetector):
     summary = "GradNorm: ‖∂KL(u‖softmax)/∂W‖₁ = ‖p − u‖₁·‖f‖₁/T in closed form"
     hparams = {"T": HParam(1.0, float, gt=0, doc="softmax temperature of the KL loss"),
@@ -411,7 +411,7 @@ class _TrainMean(_HeadDetector):
         self.mean = feature_mean(_features(train))
 
 
-@DETECTORS.register("fdbd")
+@DETECTORS.register("fdbd", paper="Liu & Qin, ICML 2024 (fDBD)")
 class FDBD(_TrainMean):
     summary = "fDBD: mean distance to the decision boundaries / distance to the train mean"
     hparams = {"distance_as_normalizer": HParam(True, bool, doc="divide by ‖f − train mean‖₂"),
@@ -434,7 +434,7 @@ class FDBD(_TrainMean):
         return s
 
 
-@DETECTORS.register("nci")
+@DETECTORS.register("nci", paper="Liu & Qin, CVPR 2025 (NCI)")
 class NCI(_TrainMean):
     summary = "NCI: w_ĉ·(f − μ)/‖f − μ‖ + α‖f‖₁ (neural-collapse proximity + norm)"
     hparams = {"alpha": HParam(1e-4, float, ge=0, doc="weight of the L1 feature norm"),
@@ -451,7 +451,7 @@ class NCI(_TrainMean):
         return prox + self.params["alpha"] * f.abs().sum(1)
 
 
-@DETECTORS.register("gen")
+@DETECTORS.register("gen", paper="Liu, Lochman & Zach, CVPR 2023 (GEN)")
 class GEN(Detector):
     summary = "GEN: minus the generalized entropy Σ p^γ(1−p)^γ of the top-M probabilities"
     needs = frozenset({"logits"})
@@ -472,7 +472,7 @@ class GEN(Detector):
         return torch.cat(out).numpy() if out else np.empty(0)
 
 
-@DETECTORS.register("neco")
+@DETECTORS.register("neco", paper="Ammar et al., ICLR 2024 (NECO)")
 class NECO(Detector):
     summary = "NECO: share of the standardised feature's norm in the train principal subspace"
     needs = frozenset({"features"})

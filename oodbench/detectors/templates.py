@@ -45,7 +45,7 @@ def _logit_rows(data: DetectorInput, who: str) -> Any:
     return rows(logits_of(data, who))
 
 
-@DETECTORS.register("she")
+@DETECTORS.register("she", paper="Zhang et al., ICLR 2023 (SHE)")
 class SHE(Detector):
     """⟨f(x), mean correct-train feature of the predicted class⟩ (Zhang et al. 2023)."""
 
@@ -86,7 +86,7 @@ class SHE(Detector):
         return torch.cat(out).numpy() if out else np.empty(0)
 
 
-@DETECTORS.register("kl-matching")
+@DETECTORS.register("kl-matching", paper="Hendrycks et al., ICML 2022 (KL matching)")
 class KLMatching(Detector):
     """−min_k KL[softmax(x) ‖ mean train softmax of class-k predictions] (Hendrycks 2022)."""
 
@@ -133,7 +133,7 @@ def _distances(v: torch.Tensor, means: torch.Tensor, kind: str) -> torch.Tensor:
     return eu / 200 + (1 - cos)
 
 
-@DETECTORS.register("openmax")
+@DETECTORS.register("openmax", paper="Bendale & Boult, CVPR 2016 (OpenMax)")
 class OpenMax(Detector):
     """Max known-class OpenMax probability: top-α logits recalibrated by per-class Weibull CDFs
     of the distance to the class mean AV (Bendale & Boult 2016)."""

@@ -40,7 +40,7 @@ def auto_dim(d: int) -> int:
     return 1000 if d >= 2048 else 512 if d >= 768 else d // 2
 
 
-@DETECTORS.register("vim")
+@DETECTORS.register("vim", paper="Wang et al., CVPR 2022 (ViM)")
 class ViM(Detector):
     """logsumexp(logits) − α·‖residual of f − u outside the principal subspace‖ (Wang 2022)."""
 
