@@ -93,9 +93,11 @@ class _Walk:
 
 
 def _entries(folder: str | Path) -> list[os.DirEntry]:
+    """The entries of `folder` in name order (so which of two links to one directory is
+    walked never depends on the filesystem's order); an unreadable folder is a user error."""
     try:
         with os.scandir(folder) as it:
-            return list(it)
+            return sorted(it, key=lambda e: e.name)
     except OSError as e:
         raise OodbenchError(f"cannot read folder {folder}: {e.strerror or e}",
                             "make it readable (permissions) or point to another folder") from None
