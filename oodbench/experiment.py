@@ -5,12 +5,22 @@ which config.py, below the registries, cannot do."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from oodbench.config import BenchmarkConfig, OODSet, RunConfig, load_benchmark
-from oodbench.data import DataContext, DatasetInfo, ImageSet, InputTransform, get_dataset
+from oodbench.data import (
+    DataContext,
+    DatasetInfo,
+    ImageSet,
+    InputTransform,
+    absolute_dataset_name,
+    get_dataset,
+)
 from oodbench.detectors import DETECTORS
 from oodbench.errors import OodbenchError
 from oodbench.losses import LOSSES
@@ -106,6 +116,92 @@ def load_ood(cfg: RunConfig, ood: OODSet, ctx: DataContext) -> tuple[ImageSet, I
     return data, transform
 
 
+def check_benchmark_sets(cfg: RunConfig, ctx: DataContext) -> None:
+    """Load every set the run will train on or score (in-distribution train / val / test and
+    each OOD entry, exactly as training and scoring load them) and check its shape, raising
+    one error that lists every problem.
+
+    Run before a run folder is created: an empty OOD folder, a file that is not an image or a
+    wrong-shaped set otherwise surfaces only at `score`, after training, when the run's config
+    (and so `adapt: true`) can no longer change. Loads go through the decode cache, so the
+    training and scoring that follow read the decoded arrays instead of decoding again."""
+    problems: dict[str, tuple[list[str], OodbenchError]] = {}
+
+    def attempt(label: str, check: Callable[[], object]) -> bool:
+        try:
+            check()
+        except OodbenchError as e:
+            problems.setdefault(str(e), ([], e))[0].append(label)
+            return False
+        return True
+
+    bench = cfg.benchmark
+    if attempt(f"in-distribution {bench.dataset!r}", lambda: _in_distribution_ok(cfg)):
+        for split in ("train", "val", "test"):
+            attempt(f"in-distribution {split} split ({bench.dataset})",
+                    lambda split=split: _split_ok(cfg, split, ctx))
+        for o in bench.ood:
+            attempt(f"OOD set {o.name!r}" + (f" ({o.dataset})" if o.name != o.dataset else ""),
+                    lambda o=o: load_ood(cfg, o, ctx))
+    if problems:
+        raise _data_problems(bench.name, list(problems.values()))
+
+
+def _in_distribution_ok(cfg: RunConfig) -> DatasetInfo:
+    info = in_distribution_info(cfg)
+    if info.num_classes < 2:
+        raise OodbenchError(
+            f"in-distribution dataset {cfg.benchmark.dataset!r} has {info.num_classes} "
+            "class(es); a classifier needs at least 2",
+            "use a folder with one subfolder per class (or a labelled dataset)")
+    return info
+
+
+def _split_ok(cfg: RunConfig, split: str, ctx: DataContext) -> None:
+    """One in-distribution split loads and matches the shape and classes the model is built
+    for (a `folder:` set's train/ and test/ may disagree; the model follows the first)."""
+    like = in_distribution_info(cfg)
+    data = load_in_distribution(cfg, split, ctx)
+    expected = (like.channels, like.image_size, like.image_size)
+    if data.shape != expected:
+        raise OodbenchError(
+            f"{cfg.benchmark.dataset} {split}: images are {'×'.join(map(str, data.shape))}, "
+            f"but the model is built for {'×'.join(map(str, expected))}",
+            "give every split of the in-distribution dataset one image size")
+    if data.info.num_classes != like.num_classes or (
+            data.info.class_names and like.class_names
+            and data.info.class_names != like.class_names):
+        raise OodbenchError(
+            f"{cfg.benchmark.dataset} {split}: classes {list(data.info.class_names)} differ "
+            f"from the model's {list(like.class_names)}",
+            "give every split of the in-distribution dataset the same class folders")
+
+
+def _data_problems(benchmark: str, problems: list[tuple[list[str], OodbenchError]]
+                   ) -> OodbenchError:
+    lines = []
+    for labels, err in problems:
+        lines.append(f"  - {', '.join(labels)}: {err.message}")
+        if err.hint:
+            lines.append(f"    fix: {err.hint}")
+    n = sum(len(labels) for labels, _ in problems)
+    return OodbenchError(
+        f"benchmark {benchmark!r}: {n} set(s) cannot be used (checked before training):\n"
+        + "\n".join(lines),
+        "fix each set listed (or remove its entry from the benchmark), then run again")
+
+
+def with_absolute_folders(bench: BenchmarkConfig, base: Path | None = None) -> BenchmarkConfig:
+    """A copy of `bench` whose `folder:` dataset names (in-distribution and every OOD entry)
+    are absolute (`data.absolute_dataset_name`), so a run's stored config reads the same
+    images whichever directory it is later scored from. OOD display names are kept."""
+    out = copy.deepcopy(bench)  # nothing shared: callers go on to edit their copy's train
+    out.dataset = absolute_dataset_name(out.dataset, base)
+    for o in out.ood:
+        o.dataset = absolute_dataset_name(o.dataset, base)
+    return out
+
+
 def build_model(cfg: RunConfig) -> Classifier:
     info = in_distribution_info(cfg)
     spec = LOSSES.get(cfg.loss)
@@ -114,12 +210,39 @@ def build_model(cfg: RunConfig) -> Classifier:
                             info.image_size, spec.block_activation)
 
 
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
+
+
 def pick_device(name: str | None = None) -> torch.device:
-    """'auto' (or None) = CUDA if available, else Apple MPS, else CPU."""
-    if name and name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    """'auto' (or None) = CUDA if available, else Apple MPS, else CPU. An explicit device this
+    machine lacks is an error naming the alternatives, before any work (torch itself would fail
+    later with a traceback, or not at all until the first tensor moves)."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not _mps_available():
+            raise OodbenchError("no MPS (Apple GPU) device here", "use --device cpu or auto")
         return torch.device("mps")
-    return torch.device("cpu")
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise OodbenchError(f"unknown device {name!r}", f"use {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        raise OodbenchError("no CUDA device here", "use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise OodbenchError(f"no CUDA device {int(index)}: this machine has {count} "
+                            f"(cuda:0 to cuda:{count - 1})",
+                            f"use --device cuda:0 to cuda:{count - 1}, or auto")
+    return torch.device(f"cuda:{int(index)}" if index else "cuda")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())

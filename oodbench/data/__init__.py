@@ -2,8 +2,8 @@
 
 from oodbench.data import embedded, folders, idx, standard  # noqa: F401  (register datasets)
 from oodbench.data.base import DATASETS, DataContext, DatasetInfo, DatasetSource, ImageSet
-from oodbench.data.folders import get_dataset
+from oodbench.data.folders import absolute_dataset_name, get_dataset
 from oodbench.data.transforms import InputTransform, augment
 
 __all__ = ["DATASETS", "DataContext", "DatasetInfo", "DatasetSource", "ImageSet",
-           "InputTransform", "augment", "get_dataset"]
+           "InputTransform", "absolute_dataset_name", "augment", "get_dataset"]

@@ -6,7 +6,9 @@ sorted order) or *flat* (images directly in it, or below it for unlabelled sets;
 Every image is decoded once (PIL, a few threads) into the uint8 decode cache; later loads are a
 memory-map. Grayscale images in a colour set are replicated to three channels (lossless, and
 Tiny-ImageNet holds some); images of a different size are an error naming the file, since
-adaptation is a whole-set, explicit step of the benchmark (`adapt: true`).
+adaptation is a whole-set, explicit step of the benchmark (`adapt: true`). A folder is walked
+without leaving it: links to directories outside it, and link loops, are not followed; a link to
+an image outside it is an error. A file that is not an image is an error naming it.
 """
 
 from __future__ import annotations
@@ -42,27 +44,75 @@ class Listing:
     signature: str  # changes when any image is added, removed, resized or rewritten
 
 
-def _scan(folder: str, out: list[tuple[str, int, int]]) -> None:
-    """(path, size, mtime_ns) of every image below `folder`; one scandir pass, cached stats."""
-    with os.scandir(folder) as it:
-        for e in it:
+class _Walk:
+    """One walk of a dataset folder that stays inside it.
+
+    The dataset is what lies inside its root folder. Symlinked *directories* are followed only
+    when they resolve inside the root, and each real directory is walked once, so a `loop -> .`
+    link ends and an `escape -> /` link is skipped (it would walk /proc). A symlinked *image
+    file* that resolves outside the root is refused with an error naming it, rather than
+    silently dropped: a folder that shrinks unnoticed would change the benchmark's numbers.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = os.path.realpath(root)
+        self.seen = {self.root}
+
+    def inside(self, real: str) -> bool:
+        return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
+
+    def enter(self, entry: os.DirEntry) -> bool:
+        """Whether to descend into `entry`: a directory inside the root, not walked yet."""
+        if entry.name.startswith(".") or not entry.is_dir():
+            return False
+        real = os.path.realpath(entry.path)  # through every link on the way
+        if not self.inside(real) or real in self.seen:
+            return False
+        self.seen.add(real)
+        return True
+
+    def check_file(self, entry: os.DirEntry) -> None:
+        if entry.is_symlink() and not self.inside(real := os.path.realpath(entry.path)):
+            raise OodbenchError(
+                f"image {entry.path} is a link to {real}, outside the dataset folder {self.root}",
+                "copy the image into the folder (or delete the link); oodbench reads only files "
+                "inside a dataset's folder")
+
+    def scan(self, folder: str, out: list[tuple[str, int, int]]) -> None:
+        """(path, size, mtime_ns) of every image below `folder`; one scandir pass per folder."""
+        for e in _entries(folder):
             if e.name.startswith("."):
                 continue
             if e.is_dir():
-                _scan(e.path, out)
+                if self.enter(e):
+                    self.scan(e.path, out)
             elif os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file():
+                self.check_file(e)
                 st = e.stat()
                 out.append((e.path, st.st_size, st.st_mtime_ns))
 
 
+def _entries(folder: str | Path) -> list[os.DirEntry]:
+    """The entries of `folder` in name order (so which of two links to one directory is
+    walked never depends on the filesystem's order); an unreadable folder is a user error."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise OodbenchError(f"cannot read folder {folder}: {e.strerror or e}",
+                            "make it readable (permissions) or point to another folder") from None
+
+
 def list_folder(folder: Path, labelled: bool | None = None) -> Listing:
     """The images of `folder` and their labels. `labelled=None` decides from the layout: class
-    subfolders and no loose images → labelled; otherwise every image below, unlabelled."""
+    subfolders and no loose images → labelled; otherwise every image below, unlabelled.
+    Only files inside `folder` are read (see `_Walk`)."""
     if not folder.is_dir():
         raise OodbenchError(f"image folder {folder} does not exist",
                             "check the path (and --data-root / $OODBENCH_DATA)")
-    entries = list(os.scandir(folder))
-    subdirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    walk = _Walk(folder)
+    entries = _entries(folder)
+    subdirs = sorted(e.name for e in entries if walk.enter(e))
     loose = any(e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
                 for e in entries)
     if labelled is None:
@@ -72,13 +122,14 @@ def list_folder(folder: Path, labelled: bool | None = None) -> Listing:
     if labelled:
         for k, c in enumerate(subdirs):
             part: list[tuple[str, int, int]] = []
-            _scan(os.path.join(folder, c), part)
+            walk.scan(os.path.join(folder, c), part)
             part.sort()
             found.extend(part)
             labels.extend([k] * len(part))
         classes = tuple(subdirs)
     else:
-        _scan(str(folder), found)
+        walk.seen = {walk.root}  # walk from the top again
+        walk.scan(str(folder), found)
         found.sort()
         labels = [-1] * len(found)
         classes = ()
@@ -117,32 +168,63 @@ def _torch_decoder():
 def _decode_one(path: str) -> np.ndarray:
     """One image as uint8 C×H×W, C = 1 (gray) or 3 (colour; alpha dropped). torchvision's
     decoder for JPEG / PNG / GIF / WebP (about twice as fast as PIL on small images), PIL for
-    the rest. Any failure names the file."""
-    try:
-        decode = _torch_decoder()
-        if decode is not None and os.path.splitext(path)[1].lower() in TORCH_DECODABLE:
+    the rest and for whatever torchvision refuses. A failure names the file and says why."""
+    arr = None
+    decode = _torch_decoder()
+    if decode is not None and os.path.splitext(path)[1].lower() in TORCH_DECODABLE:
+        try:
             with open(path, "rb") as f:
                 data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
             x = decode(data)
-            if x.dim() == 4:  # animated GIF: first frame
-                x = x[0]
-            arr = x.numpy()
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                im.load()
-                if im.mode not in ("L", "RGB"):
-                    im = im.convert("L" if im.mode in ("1", "I", "I;16", "F") else "RGB")
-                arr = np.asarray(im, dtype=np.uint8)
-            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    except Exception as e:  # decoders raise many types for bad files
-        reason = str(e).rsplit(", ", 1)[-1] or type(e).__name__
-        raise OodbenchError(f"cannot decode image {path}: {reason}",
-                            "the file is corrupt or truncated: replace or delete it") from None
+            arr = (x[0] if x.dim() == 4 else x).numpy()  # animated GIF: first frame
+        except Exception:  # PIL below decides, and its errors say what is wrong
+            arr = None
+    if arr is None:
+        arr = _decode_pil(path)
     if arr.shape[0] in (2, 4):  # gray + alpha, RGB + alpha
         arr = arr[:arr.shape[0] - 1]
     return arr
+
+
+def _decode_pil(path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "RGB"):
+                im = im.convert("L" if im.mode in ("1", "I", "I;16", "F") else "RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise _not_an_image(path) from None
+    except Exception as e:  # decoders raise many types for damaged files
+        raise OodbenchError(f"cannot decode image {path}: it is damaged or truncated ({e})",
+                            f"replace {path} with an intact copy, or delete it") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+HEIF_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC",
+               b"mif1": "HEIF", b"msf1": "HEIF"}
+
+
+def _not_an_image(path: str) -> OodbenchError:
+    """The error for a file no decoder recognises: an AVIF / HEIC image this Pillow cannot
+    read (the one case where codec support is the fix), else a file that is not an image."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError as e:
+        return OodbenchError(f"cannot read image {path}: {e.strerror or e}",
+                             f"make {path} readable, or delete it")
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        kind = HEIF_BRANDS[head[8:12]]
+        return OodbenchError(f"image {path} is an {kind} image, which this installation "
+                             "cannot decode",
+                             f"convert it to PNG or JPEG (or install Pillow with {kind} "
+                             "support), or delete it")
+    what = "is empty (0 bytes)" if not head else "is not an image (no known image format)"
+    return OodbenchError(f"file {path} {what}",
+                         f"delete {path} or replace it with a real image (JPEG, PNG, ...)")
 
 
 def decode_files(files: list[str], crop_to: int | None = None) -> np.ndarray:
@@ -336,8 +418,9 @@ FOLDER_PREFIX = "folder:"
 
 class UserFolder(FileSource):
     """`folder:PATH`: any image folder (class subfolders → labelled, else unlabelled OOD data).
-    PATH is absolute or relative to the current directory. One split, "test", unless the folder
-    has `train/` and `test/` subfolders, which then are the splits."""
+    PATH is absolute or relative to the current directory (a run stores it absolute: see
+    `absolute_dataset_name`). Only files inside PATH are read (see `_Walk`). One split, "test",
+    unless the folder has `train/` and `test/` subfolders, which then are the splits."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path).expanduser()
@@ -378,6 +461,20 @@ class UserFolder(FileSource):
                                 "crop or resize the images to a square size")
         info = DatasetInfo(c, h, len(classes), classes, mean=(0.5,) * c, std=(0.5,) * c)
         return ImageSet(self.name, images, labels, info)
+
+
+def absolute_dataset_name(name: str, base: Path | None = None) -> str:
+    """`folder:rel/path` → `folder:/abs/path` (relative to `base`, default the current
+    directory; `~` expanded, links and `..` resolved); every other name unchanged.
+
+    A run stores this form in its config when it is created, so calibrating or scoring it
+    later from another directory reads the same images as training did."""
+    if not name.startswith(FOLDER_PREFIX) or not name[len(FOLDER_PREFIX):]:
+        return name  # `folder:` alone stays an error for get_dataset to report
+    path = Path(name[len(FOLDER_PREFIX):]).expanduser()
+    if not path.is_absolute():
+        path = (base if base is not None else Path.cwd()) / path
+    return f"{FOLDER_PREFIX}{path.resolve()}"
 
 
 def get_dataset(name: str) -> DatasetSource:
