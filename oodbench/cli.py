@@ -141,10 +141,10 @@ def train(
     from oodbench.experiment import pick_device
     from oodbench.workflow import TrainRequest, prepare_run, train_run
 
-    ctx = DataContext.resolve(data_root)
+    ctx, dev = DataContext.resolve(data_root), pick_device(device)  # both before any write
     run = prepare_run(TrainRequest(benchmark, loss, seed, epochs, run_dir,
                                    _parse_options(loss_option or []), runs_root), ctx)
-    cfg, dev = run.config(), pick_device(device)
+    cfg = run.config()
     label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"
     if run.is_trained():
         console.print(f"[green]{label} is already trained[/] ({run.path})")

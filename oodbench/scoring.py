@@ -30,7 +30,13 @@ import torch
 
 from oodbench.cache import CacheEntry, EntryWriter, Outputs, cache_key, forward_into
 from oodbench.config import OODSet, RunConfig
-from oodbench.data import DataContext, ImageSet, InputTransform, get_dataset
+from oodbench.data import (
+    DataContext,
+    ImageSet,
+    InputTransform,
+    absolute_dataset_name,
+    get_dataset,
+)
 from oodbench.detectors import DETECTORS, Detector, DetectorInput, NotApplicable
 from oodbench.detectors.base import ORACLE_MODE
 from oodbench.detectors.gradients import frozen
@@ -225,6 +231,7 @@ def load_ood_validation(cfg: RunConfig, dataset: str, ctx: DataContext,
     "train", else the one split no test entry reads). It is adapted (resized, channels
     replicated) only when the benchmark's own entry for that dataset says `adapt: true`."""
     source = get_dataset(dataset)
+    dataset = absolute_dataset_name(dataset)  # as the run's config stores folder: paths
     entries = [o for o in cfg.benchmark.ood if o.dataset == dataset]
     used = {o.split for o in entries}
     free = [s for s in ("val", "train", "test", *source.splits)

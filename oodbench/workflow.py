@@ -17,7 +17,12 @@ from oodbench.config import BenchmarkConfig, RunConfig
 from oodbench.data import DataContext
 from oodbench.data.availability import require_benchmark_data
 from oodbench.errors import OodbenchError
-from oodbench.experiment import check_run_config, load_checked_benchmark
+from oodbench.experiment import (
+    check_benchmark_sets,
+    check_run_config,
+    load_checked_benchmark,
+    with_absolute_folders,
+)
 from oodbench.pipeline import calibrate_run, score_run
 from oodbench.runs import Run, default_run_dir
 from oodbench.scoring import ProgressFactory, no_progress
@@ -55,6 +60,7 @@ def run_config(bench: BenchmarkConfig, loss: str, seed: int, epochs: int | None 
     from oodbench.models import check_block_activation
 
     check_block_activation(bench.model, LOSSES.get(loss).block_activation, loss)
+    bench = with_absolute_folders(bench)  # a relative folder: means the same images later
     if epochs is not None:
         bench.train.epochs = epochs
         bench.train.validate()
@@ -74,6 +80,7 @@ def prepare_run(req: TrainRequest, ctx: DataContext) -> Run:
     cfg = run_config(bench, req.loss or "dismax", 0 if req.seed is None else req.seed,
                      req.epochs, req.loss_options)
     require_benchmark_data(bench, ctx)
+    check_benchmark_sets(cfg, ctx)  # every set it will score, before the model is trained
     return Run.create(req.run_dir or default_run_dir(cfg, req.runs_root), cfg)
 
 
@@ -128,6 +135,7 @@ def benchmark_runs(req: BenchmarkRequest, ctx: DataContext) -> list[Run]:
     configs = [run_config(copy.deepcopy(bench), loss, seed, req.epochs)
                for loss in losses for seed in seeds]
     require_benchmark_data(bench, ctx)
+    check_benchmark_sets(configs[0], ctx)  # the data are the same for every loss and seed
     return [Run.create(default_run_dir(cfg, req.runs_root), cfg) for cfg in configs]
 
 
