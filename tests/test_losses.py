@@ -264,3 +264,56 @@ def test_loss_needing_a_model_variant_is_checked_up_front() -> None:
     bench.model = "wrn28-10"
     with pytest.raises(OodbenchError, match="log"):
         build_model(RunConfig(bench, "logsoftmax-resnet", 0))
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("dismax", {"alpha": "abc"}, "loss 'dismax': option 'alpha' must be a number >= 0, got 'abc'"),
+    ("dismax", {"alpha": -0.5}, "option 'alpha' must be a number >= 0, got -0.5"),
+    ("dismax", {"alpha": True}, "option 'alpha' must be a number >= 0, got True"),
+    ("dismax", {"alpha": float("inf")}, "option 'alpha' must be a number >= 0, got inf"),
+    ("dismax", {"fpr": "no"}, "option 'fpr' must be true or false, got 'no'"),
+    ("dismax", {"fpr": 0}, "option 'fpr' must be true or false, got 0"),
+    ("dismax", {"entropic_scale": 0}, "option 'entropic_scale' must be a number > 0, got 0"),
+    ("isomax", {"entropic_scale": -10}, "loss 'isomax' / 'isomaxplus': option "
+     "'entropic_scale' must be a number > 0, got -10"),
+    ("logsoftmax-resnet", {"entropy_weight": -1}, "option 'entropy_weight' must be a number "
+     ">= 0, got -1"),
+    ("logsoftmax-resnet", {"max_grad_norm": "big"}, "option 'max_grad_norm' must be a number "
+     ">= 0 or null, got 'big'"),
+    ("dismax", {"nosuch": 1}, "loss 'dismax' has no option 'nosuch'"),
+    ("softmax", {"alpha": 1}, "loss 'softmax' has no option 'alpha'"),
+])
+def test_loss_options_are_typed_and_ranged(name, options, message):
+    spec = LOSSES.get(name)
+    with pytest.raises(OodbenchError) as e:
+        spec.criterion(**options)
+    assert e.value.message.endswith(message) and e.value.message.startswith("loss ")
+    assert "options of this loss: " + spec.describe_options() in e.value.hint
+    with pytest.raises(OodbenchError):
+        spec.check_options(options)  # the same check without building the criterion
+
+
+def test_valid_options_are_listed_and_converted():
+    assert LOSSES.get("dismax").describe_options() == (
+        "alpha (a number >= 0, default 1.0), entropic_scale (a number > 0, default 10.0), "
+        "fpr (true or false, default true)")
+    assert LOSSES.get("softmax").describe_options() == "none"
+    crit = LOSSES.get("dismax").criterion(alpha="1e-3", fpr=False, entropic_scale=5)
+    assert (crit.alpha, crit.fpr, crit.entropic_scale) == (0.001, False, 5.0)
+    assert isinstance(crit.entropic_scale, float)
+    assert LOSSES.get("dismax").check_options({"alpha": 2}) == {"alpha": 2.0}
+    ls = LOSSES.get("logsoftmax-resnet").criterion
+    assert ls(max_grad_norm=None).max_grad_norm is None
+    assert ls(max_grad_norm=0).max_grad_norm is None  # 0 = no clipping
+    assert ls(entropy_weight=0).entropy_weight == 0.0
+    with pytest.raises(OodbenchError, match="takes 2 option"):
+        LogSoftmaxResNetLoss(0.1, 1.0, 3.0)
+    with pytest.raises(OodbenchError, match="given twice"):
+        LogSoftmaxResNetLoss(0.1, entropy_weight=0.2)
+
+
+def test_make_criterion_refuses_bad_options_of_a_run():
+    from oodbench.train import make_criterion
+
+    with pytest.raises(OodbenchError, match="option 'alpha'"):
+        make_criterion(RunConfig(load_benchmark("digits"), "dismax", 0, {"alpha": "abc"}))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodbench.losses.base import LOSSES, Criterion
+from oodbench.losses.base import LOSSES, NON_NEGATIVE, POSITIVE, Criterion
 from oodbench.losses.isomax import pairwise_distances
 
 ENTROPIC_SCALE = 10.0
@@ -74,7 +74,12 @@ def mosaic(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, t
                  summary="DisMax: isometric distances to all prototypes + FPR mosaics")
 class DisMaxLoss(Criterion):
     """Replaces `nn.CrossEntropyLoss()`. Targets: class indices (B,) or quadrant classes (B, 4)
-    from `preprocess`, where the first B//2 rows are clean and the rest are mosaics."""
+    from `preprocess`, where the first B//2 rows are clean and the rest are mosaics.
+
+    Options: `fpr` (mosaics on/off), `alpha` (weight of the mosaic KL term, >= 0),
+    `entropic_scale` (> 0: a non-positive scale would flip or flatten the softmax)."""
+
+    option_ranges = {"alpha": NON_NEGATIVE, "entropic_scale": POSITIVE}
 
     def __init__(self, fpr: bool = True, alpha: float = 1.0,
                  entropic_scale: float = ENTROPIC_SCALE) -> None:

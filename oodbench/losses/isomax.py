@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodbench.losses.base import LOSSES, Criterion
+from oodbench.losses.base import LOSSES, POSITIVE, Criterion
 
 ENTROPIC_SCALE = 10.0
 
@@ -60,7 +60,10 @@ class IsoMaxPlusHead(nn.Module):
                  summary="IsoMax+: −scaled distance of normalised features/prototypes, "
                  "entropic scale 10")
 class EntropicCrossEntropy(Criterion):
-    """Replaces `nn.CrossEntropyLoss()`: cross-entropy of `entropic_scale` × logits."""
+    """Replaces `nn.CrossEntropyLoss()`: cross-entropy of `entropic_scale` × logits (option,
+    > 0: a non-positive scale would flip or flatten the softmax)."""
+
+    option_ranges = {"entropic_scale": POSITIVE}
 
     def __init__(self, entropic_scale: float = ENTROPIC_SCALE) -> None:
         super().__init__()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodbench.errors import OodbenchError
-from oodbench.losses.base import LOSSES, Criterion
+from oodbench.losses.base import LOSSES, NON_NEGATIVE, Criterion
 from oodbench.models.activations import ACTIVATION_ENTROPY
 
 if TYPE_CHECKING:
@@ -41,14 +41,15 @@ if TYPE_CHECKING:
                  summary="log-softmax ResNet (MiSP thesis): channel log-softmax after each "
                  "residual addition; option entropy_weight λ")
 class LogSoftmaxResNetLoss(Criterion):
-    """Cross-entropy plus λ × the summed channel entropy of the block activations."""
+    """Cross-entropy plus λ × the summed channel entropy of the block activations.
+
+    Options (checked by `Criterion` before `__init__`): `entropy_weight` λ >= 0 (0 = off, else
+    small, e.g. 1e-3), `max_grad_norm` >= 0 (0 or null = no clipping)."""
+
+    option_ranges = {"entropy_weight": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE}
 
     def __init__(self, entropy_weight: float = 0.0, max_grad_norm: float | None = 1.0) -> None:
         super().__init__()
-        entropy_weight = float(entropy_weight)
-        if entropy_weight < 0:
-            raise OodbenchError(f"entropy_weight must be >= 0, got {entropy_weight}",
-                                "use 0 (off) or a small positive λ such as 1e-3")
         self.entropy_weight = float(entropy_weight)
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         self.aux = (ACTIVATION_ENTROPY,) if self.entropy_weight > 0 else ()
