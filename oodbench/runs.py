@@ -198,12 +198,12 @@ class WeightsMismatch:
 
     def likely_cause(self) -> str:
         """The most probable reason, derived from key names and shapes."""
-        ckpt, mine = _blocks(self.state_keys), _blocks(self.model_keys)
-        if ckpt != mine and ckpt and mine:
-            return f"another depth: the checkpoint has {_depth(ckpt)}, the model {_depth(mine)}"
         stripped = {k.removeprefix("module.") for k in self.state_keys}
         if self.unexpected and stripped == set(self.model_keys):
             return "the checkpoint's keys carry a `module.` prefix (saved from DataParallel)"
+        ckpt, mine = _blocks(self.state_keys), _blocks(self.model_keys)
+        if ckpt and mine and list(ckpt.values()) != list(mine.values()):
+            return f"another depth: the checkpoint has {_depth(ckpt)}, the model {_depth(mine)}"
         if self.shapes and not (self.missing or self.unexpected):
             if all(k.startswith("head.") for k, _, _ in self.shapes):
                 k, have, want = self.shapes[0]
