@@ -200,8 +200,9 @@ def check_metrics(m: dict[str, Any], f: Path) -> None:
             _need_all(f, f"classification.{state}", m["classification"][state],
                       CLASSIFICATION_METRICS, "a number")
     for k, kind in (("test_set", "a string"), ("n", "an object"), ("calibration", "an object"),
-                    ("provenance", "an object"), ("weights", "a string")):
-        _need(f, k, m.get(k), kind, nullable=True)
+                    ("provenance", "an object"), ("weights", "a string"),
+                    ("cache_keys", "an object")):
+        _need(f, k, m.get(k), kind, nullable=k not in m or k not in ("n", "test_set"))
     if isinstance(m.get("calibration"), dict):
         _need_all(f, "calibration", m["calibration"], ("temperature",), "a number")
     for name, d in m["detectors"].items():
