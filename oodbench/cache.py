@@ -15,7 +15,10 @@ written together; block summaries are named by "<block>.<summary>" keys (`oodben
 and each is computed only when a detector asks for it, so a detector that reads block means
 never pays for the channel-softmax statistics. Arrays are written batch by batch into
 memory-mapped files (memory does not grow with the dataset) under temporary names, renamed into
-place only when the whole pass is complete, and read back memory-mapped.
+place only when the whole pass is complete, and read back memory-mapped. A process killed
+mid-pass (SIGKILL, OOM killer) leaves its temporaries behind; they are named after its PID and
+host (`oodbench.io.temp_tag`) and removed when the cache is next opened or the entry next
+written, once that PID is gone.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 from oodbench.data import ImageSet, InputTransform
 from oodbench.errors import OodbenchError
-from oodbench.io import read_json, write_json
+from oodbench.io import read_json, remove_stale_temps, temp_tag, write_json
 from oodbench.models import Classifier, ModelOutput
 from oodbench.summaries import BASE_OUTPUTS, BLOCK_SUMMARIES, split_key, summarise_blocks
 
@@ -145,7 +148,9 @@ class EntryWriter:
     def __init__(self, entry: CacheEntry, keys: list[str], labels: torch.Tensor,
                  dataset: str) -> None:
         self.entry, self.keys, self.labels, self.dataset = entry, keys, labels, dataset
-        self.tag = f".tmp-{os.getpid()}"
+        self.tag = temp_tag()
+        remove_stale_temps(entry.path)
+        remove_stale_temps(entry.path / "blocks")
         self.maps: dict[str, np.memmap] = {}
 
     @property
@@ -193,6 +198,17 @@ class OutputCache:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.remove_stale_temps()
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete what killed writers left anywhere in the cache (see `EntryWriter`); a few
+        directory listings, so it runs whenever the cache is opened."""
+        removed = remove_stale_temps(self.root)
+        if self.root.is_dir():
+            for entry in self.root.iterdir():
+                if entry.is_dir():
+                    removed += remove_stale_temps(entry) + remove_stale_temps(entry / "blocks")
+        return removed
 
     def entry(self, key: str, n: int = -1) -> CacheEntry:
         return CacheEntry(self.root / key, n)

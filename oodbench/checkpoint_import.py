@@ -17,7 +17,7 @@ from oodbench.config import RunConfig
 from oodbench.errors import OodbenchError
 from oodbench.experiment import build_model, check_benchmark, load_checked_benchmark
 from oodbench.models.pretrained import CHECKPOINT_FORMATS, read_foreign_checkpoint
-from oodbench.runs import Run, load_weights
+from oodbench.runs import Run, WeightsMismatch, load_weights
 from oodbench.train import save_checkpoint
 
 
@@ -44,12 +44,32 @@ def import_checkpoint(path: Path, model: str, benchmark: str, run_dir: Path | No
     bench.validate(source)
     check_benchmark(bench, source)
     cfg = RunConfig(bench, "softmax", seed, {})
-    run = Run.create(run_dir or default_import_dir(bench.name, model, fmt_name), cfg)
     classifier = build_model(cfg)
+    mismatch = WeightsMismatch.between(classifier, state)
+    if mismatch:  # checked before the run folder exists: a failed import leaves nothing
+        raise _mismatch_error(mismatch, state, cfg, fmt.models, Path(path))
     load_weights(classifier, state, str(path))
+    run = Run.create(run_dir or default_import_dir(bench.name, model, fmt_name), cfg)
     save_checkpoint(run, {
         "model": classifier.state_dict(), "optimizer": {}, "epoch": bench.train.epochs,
         "step": 0, "history": [], "finished": True,
         "imported": {"path": str(Path(path).resolve()), "format": fmt_name, **meta},
     })
     return run, {"format": fmt_name, "run": str(run.path), "metadata": meta}
+
+
+def _mismatch_error(mismatch: WeightsMismatch, state: dict[str, Any], cfg: RunConfig,
+                    models: tuple[str, ...], path: Path) -> OodbenchError:
+    """The mismatch summarised, naming the format's model whose keys and shapes the checkpoint
+    has (the usual cause: a wrong --model), found by building each candidate."""
+    given = cfg.benchmark.model
+    for name in models:
+        if name == given:
+            continue
+        other = build_model(replace(cfg, benchmark=replace(cfg.benchmark, model=name)))
+        if not WeightsMismatch.between(other, state):
+            cause = (f"the checkpoint looks like {name} but --model {given} was given "
+                     f"({mismatch.likely_cause()})")
+            return mismatch.error(str(path), cause, f"pass --model {name}")
+    return mismatch.error(str(path), hint=f"pass the checkpoint's model (one of {list(models)}) "
+                          "and a benchmark with its number of classes")

@@ -23,7 +23,7 @@ from oodbench.calibrate import fit_temperature
 from oodbench.data import DataContext, get_dataset
 from oodbench.errors import OodbenchError
 from oodbench.experiment import build_model, check_run_config, load_in_distribution
-from oodbench.io import atomic_write, read_json, write_json
+from oodbench.io import atomic_write, read_json, update_json, write_json
 from oodbench.provenance import run_provenance
 from oodbench.runs import Run, load_weights
 from oodbench.scoring import (
@@ -170,8 +170,7 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
                        cfg.to_dict(), {r.set.name: r.set.data.fingerprint() for r in results},
                        device, lr.weights))
     write_scores(run, {n: s.per_set for n, s in scores.items()})
-    metrics = merge_metrics(run, metrics)
-    write_json(run.metrics_path, metrics)
+    metrics = merge_metrics(run, metrics)  # writes metrics.json under its lock
     return {**metrics, "forward_log": lr.log, "images_forwarded": lr.images_forwarded,
             "scored": list(dets)}
 
@@ -190,17 +189,19 @@ def write_scores(run: Run, scores: dict[str, dict[str, np.ndarray]]) -> None:
 
 
 def merge_metrics(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Keep the results of detectors scored earlier on the same weights (a `score` of some
-    detectors never drops the others); results of older weights are dropped."""
-    path = run.metrics_path
-    if not path.exists():
-        return metrics
-    try:
-        old = read_json(path)
-    except (OSError, ValueError):
-        return metrics  # unreadable: this run's results replace it
-    if isinstance(old, dict) and old.get("weights") == metrics["weights"]:
-        earlier = {k: v for k, v in (old.get("detectors") or {}).items()
-                   if k not in metrics["detectors"]}
-        metrics["detectors"] = {**earlier, **metrics["detectors"]}
-    return metrics
+    """Merge this score's results into metrics.json and write it; return what was written.
+
+    Keeps the results of detectors scored earlier on the same weights (a `score` of some
+    detectors never drops the others); results of older weights are dropped. The read, merge
+    and write happen under the file's lock (`oodbench.io.update_json`), so two `score`s of
+    different detectors finishing at once both keep their results."""
+
+    def merge(old: Any) -> dict[str, Any]:
+        merged = dict(metrics)
+        if isinstance(old, dict) and old.get("weights") == metrics["weights"] and isinstance(
+                old.get("detectors"), dict):
+            earlier = {k: v for k, v in old["detectors"].items() if k not in metrics["detectors"]}
+            merged["detectors"] = {**earlier, **metrics["detectors"]}
+        return merged
+
+    return update_json(run.metrics_path, merge)

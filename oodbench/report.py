@@ -144,8 +144,86 @@ def load_metrics(files: list[Path]) -> list[LoadedMetrics]:
         missing = [k for k in REQUIRED if k not in m]
         if missing:
             raise OodbenchError(f"{f} lacks {missing}", "score the run again with this version")
+        check_metrics(m, Path(f))
         out.append(LoadedMetrics(Path(f), m))
     return out
+
+
+# --------------------------------------------------------------- the structure `report` reads
+# A hand-edited metrics.json with a wrong type would otherwise fail deep in the report with a
+# traceback; these checks name the file and the key instead. Only what the report reads is
+# checked (other keys stay free); an optional key may also be null where the reader allows it.
+_KINDS: dict[str, Callable[[Any], bool]] = {
+    "a string": lambda v: isinstance(v, str),
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "an object": lambda v: isinstance(v, dict),
+    "true or false": lambda v: isinstance(v, bool),
+    "\"near\" or \"far\"": lambda v: v in ("near", "far"),
+}
+
+
+def _json_type(v: Any) -> str:
+    names = {bool: "a boolean", str: "a string", int: "a number", float: "a number",
+             dict: "an object", list: "a list", type(None): "null"}
+    return f"{names.get(type(v), type(v).__name__)} ({json.dumps(v, default=str)[:30]})"
+
+
+def _need(f: Path, key: str, value: Any, kind: str, nullable: bool = False) -> None:
+    if (value is None and nullable) or _KINDS[kind](value):
+        return
+    raise OodbenchError(f"{f}: `{key}` is {_json_type(value)}, expected {kind}",
+                        f"correct `{key}` in {f}, or score the run again (`oodbench score "
+                        f"{f.parent}`) to rewrite the file")
+
+
+def _need_all(f: Path, key: str, obj: dict[str, Any], names: tuple[str, ...], kind: str) -> None:
+    """Every present name of `names` in `obj` is of `kind`."""
+    for k in names:
+        if k in obj:
+            _need(f, f"{key}.{k}", obj[k], kind)
+
+
+def check_metrics(m: dict[str, Any], f: Path) -> None:
+    """Raise an OodbenchError naming `f` and the key when `m` has a type the report cannot
+    read (a list where an object belongs, a string as a metric value...)."""
+    for k in ("benchmark", "in_distribution", "model", "loss"):
+        _need(f, k, m[k], "a string")
+    _need(f, "seed", m["seed"], "an integer")
+    for k in ("ood_sets", "classification", "detectors"):
+        _need(f, k, m[k], "an object")
+    for o, g in m["ood_sets"].items():
+        _need(f, f"ood_sets.{o}", g, '"near" or "far"')
+    for state in ("uncalibrated", "calibrated"):
+        if state in m["classification"]:
+            _need(f, f"classification.{state}", m["classification"][state], "an object")
+            _need_all(f, f"classification.{state}", m["classification"][state],
+                      CLASSIFICATION_METRICS, "a number")
+    for k, kind in (("test_set", "a string"), ("n", "an object"), ("calibration", "an object"),
+                    ("provenance", "an object"), ("weights", "a string"),
+                    ("cache_keys", "an object")):
+        _need(f, k, m.get(k), kind, nullable=k not in m or k not in ("n", "test_set"))
+    if isinstance(m.get("calibration"), dict):
+        _need_all(f, "calibration", m["calibration"], ("temperature",), "a number")
+    for name, d in m["detectors"].items():
+        _check_detector(f, f"detectors.{name}", d)
+
+
+def _check_detector(f: Path, key: str, d: Any) -> None:
+    _need(f, key, d, "an object")
+    for k in ("ood", "nonfinite", "hparams", "selected"):
+        _need(f, f"{key}.{k}", d.get(k), "an object", nullable=True)
+    for k in ("cost", "temperature"):
+        _need(f, f"{key}.{k}", d.get(k), "a number", nullable=True)
+    for o, cell in (d.get("ood") or {}).items():
+        _need(f, f"{key}.ood.{o}", cell, "an object")
+        lacking = [k for k in OOD_METRICS if k not in cell]
+        if lacking:
+            raise OodbenchError(f"{f}: `{key}.ood.{o}` lacks {lacking}",
+                                f"score the run again (`oodbench score {f.parent}`)")
+        _need_all(f, f"{key}.ood.{o}", cell, OOD_METRICS, "a number")
+    _need_all(f, f"{key}.nonfinite", d.get("nonfinite") or {}, tuple(d.get("nonfinite") or {}),
+              "an integer")
 
 
 def _cell(values: list[float]) -> dict[str, Any]:

@@ -127,3 +127,51 @@ def test_interrupted_forward_leaves_no_entry(setup, monkeypatch):
     model.forward_all = original
     out, computed = cache.get(model, w, data, tf, batch_size=100)
     assert computed and np.isfinite(out.logits.numpy()).all()
+
+
+KILLED_WRITER = """
+import sys, time, torch
+from pathlib import Path
+from oodbench.cache import CacheEntry, EntryWriter
+from oodbench.models import ModelOutput
+
+entry = CacheEntry(Path(sys.argv[1]), 100)
+writer = EntryWriter(entry, ["logits", "features", "b1.mean"], torch.zeros(100), "x")
+writer.write(0, ModelOutput(torch.ones(50, 10), torch.ones(50, 4),
+                            {"b1": torch.ones(50, 3, 2, 2)}))
+print("mid-pass", flush=True)
+time.sleep(120)
+"""
+
+
+def test_temporaries_of_a_killed_forward_pass_are_removed_live_ones_kept(setup, tmp_path):
+    """A real writer killed with SIGKILL mid-pass; reopening the cache removes its files and
+    leaves those of a live writer (this process) alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from oodbench.cache import CacheEntry, EntryWriter
+
+    model, data, tf, _, _ = setup
+    root = tmp_path / "killed-cache"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(root / "k")], env=env,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "mid-pass"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    left = sorted(p.name for p in root.rglob("*") if p.is_file())
+    assert left == sorted(f"{n}.npy.tmp-{child.pid}-" + left[0].rsplit("-", 1)[1]
+                          for n in ("b1.mean", "features", "logits"))
+    live = EntryWriter(CacheEntry(root / "live", 4), ["logits"], torch.zeros(4), "x")
+    live_file = root / "live" / f"logits.npy{live.tag}"
+    live_file.parent.mkdir(parents=True)
+    live_file.write_bytes(b"being written")
+
+    cache = OutputCache(root)
+    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == [live_file.name]
+    out, computed = cache.get(model, model_digest(model), data, tf, batch_size=540)
+    assert computed and out.logits.shape == (540, 10)

@@ -2,9 +2,13 @@
 `module.*`, head `linear`), with a tiny `folder:` dataset: import, calibrate, score; and the
 clear errors for a checkpoint that does not match the model."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from PIL import Image
@@ -81,3 +85,42 @@ def test_a_checkpoint_for_another_model_is_a_clear_error(tmp_path: Path):
                "--run-dir", tmp_path / "run")
     assert r.exit_code == 2
     assert "does not match" in r.output and "fix:" in r.output
+
+
+AKAMASTER = Path(os.environ.get("OODBENCH_DATA", Path(__file__).resolve().parents[2] / "shared"
+                                / "data")) / "models" / "akamaster-resnet-cifar10"
+
+
+def test_the_real_resnet56_as_resnet20_names_the_likely_cause(tmp_path: Path):
+    """The published file, a real process: exit 2, a short message (torch's own lists ~150
+    lines of keys) naming the model the file holds, and no run folder left behind."""
+    files = sorted(AKAMASTER.glob("resnet56-*.th"))
+    if not files:
+        pytest.skip(f"the akamaster checkpoints are not in {AKAMASTER}")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           "COLUMNS": "200"}
+    r = subprocess.run([sys.executable, "-m", "oodbench", "import-checkpoint", files[0],
+                        "--model", "resnet20", "--benchmark", "cifar10-jpeg", "--run-dir",
+                        tmp_path / "run"], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text and len(text.strip().splitlines()) <= 10, text
+    assert "0 missing, 216 unexpected, 0 shape-mismatched keys" in text
+    assert "the checkpoint looks like resnet56 but --model resnet20 was given" in text
+    assert "27 blocks (9+9+9)" in text and "fix: pass --model resnet56" in text
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_head_for_another_number_of_classes_is_named(tmp_path: Path):
+    ckpt, bench = setup(tmp_path)
+    raw = torch.load(ckpt, weights_only=True)
+    raw["state_dict"]["module.linear.weight"] = torch.zeros(100, 64)
+    raw["state_dict"]["module.linear.bias"] = torch.zeros(100)
+    torch.save(raw, ckpt)
+    r = invoke("import-checkpoint", ckpt, "--model", "resnet20", "--benchmark", bench,
+               "--run-dir", tmp_path / "run")
+    assert r.exit_code == 2
+    assert "another number of classes: the checkpoint's head has 100 outputs, the model's 10" \
+        in " ".join(r.output.split())
+    assert not (tmp_path / "run").exists()

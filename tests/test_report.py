@@ -232,3 +232,40 @@ def test_nonfinite_scores_are_shown_and_block_the_means(runs: Path):
     res = invoke(runs, "--no-write", "--fail-under", "auroc:gaussian:msp=0.0")
     assert res.exit_code == 1 and "gaussian" in res.output  # NaN fails even a zero bar
     assert invoke(runs, "--no-write", "--fail-under", "auroc:gaussian:mmles=0.0").exit_code == 0
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    *path, last = dotted.split("/")
+    for k in path:
+        d = d[k]
+    d[last] = value
+
+
+@pytest.mark.parametrize(("key", "value", "named"), [
+    ("detectors", [], "`detectors` is a list ([]), expected an object"),
+    ("detectors/msp/ood/gaussian/auroc", "0.9",
+     '`detectors.msp.ood.gaussian.auroc` is a string ("0.9"), expected a number'),
+    ("seed", "x", '`seed` is a string ("x"), expected an integer'),
+    ("seed", True, "`seed` is a boolean (true), expected an integer"),
+    ("ood_sets", ["near1", "gaussian"], "`ood_sets` is a list"),
+    ("ood_sets/gaussian", "middle", '`ood_sets.gaussian` is a string ("middle"), expected '
+                                    '"near" or "far"'),
+    ("classification/uncalibrated/accuracy", None,
+     "`classification.uncalibrated.accuracy` is null (null), expected a number"),
+    ("detectors/msp", 3, "`detectors.msp` is a number (3), expected an object"),
+    ("detectors/msp/ood/near1", {"auroc": 0.5}, "`detectors.msp.ood.near1` lacks"),
+    ("detectors/msp/cost", "cheap", "`detectors.msp.cost` is a string"),
+    ("calibration/temperature", "1.5", "`calibration.temperature` is a string"),
+    ("loss", 7, "`loss` is a number (7), expected a string"),
+])
+def test_a_hand_edited_metrics_file_with_wrong_types_exits_2_naming_file_and_key(
+        tmp_path, key, value, named):
+    run = write_run(tmp_path / "runs", "softmax", 0, 2.0)
+    metrics = json.loads((run / "metrics.json").read_text())
+    _set(metrics, key, value)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    res = runner.invoke(app, ["report", str(tmp_path / "runs"), "--no-write"])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert named in text and str(run / "metrics.json") in text.replace(" ", "")
+    assert "fix:" in text
