@@ -57,11 +57,13 @@ REPORT_BUGS = ("this is a bug in oodbench, not in your input: please report it (
 
 
 def _fail(e: OodbenchError) -> None:
+    from rich.markup import escape
+
     from oodbench.console import console
 
-    console.print(f"[bold red]error:[/] {e.message}")
+    console.print(f"[bold red]error:[/] {escape(e.message)}")  # user text is not markup
     if e.hint:
-        console.print(f"[bold]fix:[/] {e.hint}")
+        console.print(f"[bold]fix:[/] {escape(e.hint)}")
     raise typer.Exit(2)
 
 

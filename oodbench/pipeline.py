@@ -81,10 +81,11 @@ def choose_batch_size(lr: LoadedRun, run: Run, sample: EvalSet) -> None:
     if key not in known:
         best, rates = measure_batch_size(lr.model, sample.data.images, sample.transform,
                                          lr.device)
-        known[key] = {"batch_size": best, "images_per_second": {str(b): round(r, 1)
-                                                                for b, r in rates.items()}}
-        write_json(path, known)
-        lr.log.append(f"batch size {best} measured ({known[key]['images_per_second']} img/s)")
+        entry = {"batch_size": best,
+                 "images_per_second": {str(b): round(r, 1) for b, r in rates.items()}}
+        known = update_json(path, lambda old: {**(old if isinstance(old, dict) else {}),
+                                               key: entry})
+        lr.log.append(f"batch size {best} measured ({entry['images_per_second']} img/s)")
     lr.batch_size = int(known[key]["batch_size"])
 
 

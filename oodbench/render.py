@@ -96,6 +96,10 @@ def report_tables(rep: dict[str, Any], metrics: tuple[str, ...]) -> list[TableMo
                                    f"{g['seeds']}; best per column emphasised",
                            right_from=2)
             for r in g["rows"]:
+                if r.get("not_applicable"):  # one wide note instead of empty cells
+                    t.add([r["loss"], r["detector"], f"n/a ({r['not_applicable']})",
+                           *[""] * len(cols)], [False] * (len(cols) + 3))
+                    continue
                 cells = [cell_of(r, c, m) for c in cols]
                 t.add([r["loss"], r["detector"],
                        *[fmt(c) if c or col not in r.get("nonfinite", {}) else

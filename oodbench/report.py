@@ -416,14 +416,22 @@ def _group(key: tuple[str, str, str], runs: list[LoadedMetrics], filters: Filter
             for v in split_variants(druns, lambda r, det=det: {
                     **config_setup(r.data), **detector_setup(r.data["detectors"][det])},
                     f"{loss} + {det}"):
-                row = _row(loss, det, v.runs, order, ood_sets, filters, bootstrap,
-                           bootstrap_seed)
-                rows.append({**row, "detector": v.suffix(det), "variant": v.to_dict()})
-    rows = [r for r in rows if r["ood"] or r.get("nonfinite")]
+                rows.append(_labelled(_row(loss, det, v.runs, order, ood_sets, filters,
+                                           bootstrap, bootstrap_seed), v, det))
+    rows = [r for r in rows if r["ood"] or r.get("nonfinite") or r.get("not_applicable")]
     return {"benchmark": bench, "in_distribution": ind, "model": model,
             "ood_sets": {o: ood_sets[o] for o in order},
             "seeds": sorted({r.data["seed"] for r in runs}),
             "classification": classification, "rows": rows}
+
+
+def _labelled(row: dict[str, Any], v: Any, det: str) -> dict[str, Any]:
+    """The row under its variant label; an oracle selection (hyperparameters chosen on an OOD
+    TEST set, only with --oracle) is always named in the label, even when it is alone."""
+    label = v.suffix(det)
+    if row.get("oracle"):
+        label += f" [oracle: {row['oracle']}]"
+    return {**row, "detector": label, "variant": v.to_dict()}
 
 
 def _classification(runs: list[LoadedMetrics]) -> dict[str, Any]:
@@ -480,6 +488,13 @@ def _row(loss: str, det: str, runs: list[LoadedMetrics], order: list[str],
         row["cost"] = _cell(costs)
     if nonfinite:
         row["nonfinite"] = nonfinite
+    reasons = {d["reason"] for d in per_run if d.get("applicable") is False}
+    if reasons:  # the detector refused this model (e.g. it needs a linear head)
+        row["not_applicable"] = "; ".join(sorted(reasons))
+    oracle = {str(d["selection"].get("negatives")) for d in per_run
+              if isinstance(d.get("selection"), dict) and d["selection"].get("oracle")}
+    if oracle:
+        row["oracle"] = ", ".join(sorted(oracle))
     return row
 
 

@@ -141,7 +141,7 @@ class _Trainer:
             return False
         state = self.run.require_checkpoint()
         if state.get("finished"):
-            self.history = list(state["history"])
+            self.history = list(state.get("history", []))
             return True
         load_weights(self.model, state["model"], str(self.run.checkpoint_path))
         self.optimizer.load_state_dict(state["optimizer"])

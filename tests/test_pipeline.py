@@ -248,3 +248,33 @@ def test_every_detector_is_also_judged_as_a_confidence(digits_run):
         assert set(m["detectors"][det]["selective"]["with_ood"]) == {"patches", "gaussian",
                                                                     "uniform"}
     assert set(m["classification"]["selective_msp"]) == {"uncalibrated"}
+
+
+def test_a_refusing_detector_is_na_with_its_reason_and_oracle_is_labelled(tmp_path):
+    """On a DisMax (prototype-head) run, ReAct refuses: n/a with the reason in metrics.json and
+    the report; on a linear head an --oracle selection is labelled in the report."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from oodbench.cli import app
+    from oodbench.train import train
+
+    runs = {}
+    for loss in ("dismax", "softmax"):
+        bench = load_benchmark("digits")
+        bench.train.epochs = 1
+        runs[loss] = Run.create(tmp_path / "runs" / loss, RunConfig(bench, loss, 0, {}))
+        train(runs[loss], DataContext.resolve("unused"), CPU)
+    m = score_run(runs["dismax"], DataContext.resolve("unused"), CPU, ["msp", "react"])
+    assert m["detectors"]["react"]["applicable"] is False
+    assert "linear head" in m["detectors"]["react"]["reason"]
+    m = score_run(runs["softmax"], DataContext.resolve("unused"), CPU, ["react"],
+                  oracle="patches")
+    sel = m["detectors"]["react"]["selection"]
+    assert sel["oracle"] is True and sel["negatives"] == "patches"
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "-f", "json", "--no-write"])
+    assert r.exit_code == 0, r.output
+    rows = {(x["loss"], x["detector"]): x for x in json.loads(r.stdout)["groups"][0]["rows"]}
+    assert "linear head" in rows[("dismax", "react")]["not_applicable"]
+    assert rows[("softmax", "react [oracle: patches]")]["oracle"] == "patches"
