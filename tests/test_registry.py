@@ -162,3 +162,23 @@ def test_config_structural_checks_need_no_registry():
         BenchmarkConfig.from_dict({**DIGITS, "normalization": {"mean": [0.5]}})
     with pytest.raises(OodbenchError, match="OOD set names repeat"):
         BenchmarkConfig.from_dict({**DIGITS, "ood": {"far": ["gaussian", "gaussian"]}})
+
+
+def test_the_readme_detector_table_is_generated_from_the_detectors():
+    """The README's table equals `oodbench list detectors --markdown`: docs never drift."""
+    from oodbench.catalog import detector_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("<!-- detector-table:start -->\n") + len("<!-- detector-table:start -->\n")
+    end = readme.index("<!-- detector-table:end -->")
+    assert readme[start:end] == detector_markdown(), (
+        "regenerate it: oodbench list detectors --markdown")
+
+
+def test_linear_head_detectors_are_na_on_prototype_losses():
+    from oodbench.catalog import applicability, head_kind
+
+    assert head_kind("softmax") == "linear" and head_kind("dismax") == "prototype"
+    assert applicability(DETECTORS.get("react"), "dismax") == "n/a"
+    assert applicability(DETECTORS.get("react"), "softmax") == "✓"
+    assert applicability(DETECTORS.get("knn"), "dismax") == "✓"
