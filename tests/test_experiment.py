@@ -178,7 +178,7 @@ def test_with_absolute_folders(tmp_path: Path) -> None:
     bench = with_absolute_folders(cfg.benchmark, tmp_path)
     entry = bench.ood[-1]
     assert entry.dataset == f"folder:{(tmp_path / 'rel' / 'imgs').resolve()}"
-    assert entry.name == "folder:rel/imgs"  # the display name is kept
+    assert entry.name == "folder-imgs"  # the display name (a safe default) is kept
     assert [o.dataset for o in bench.ood[:-1]] == ["patches", "gaussian", "uniform"]
     assert bench.dataset == "digits"
     assert cfg.benchmark.ood[-1].dataset == "folder:rel/imgs"  # the input is left as it was
