@@ -298,6 +298,10 @@ def score(
     ood_validation: Annotated[str | None, typer.Option(metavar="DATASET",
         help="Dataset used as OOD validation data with --selection ood (explicit opt-in); a "
              "split disjoint from every test set is used, checked by image content.")] = None,
+    forget: Annotated[list[str] | None, typer.Option(
+        metavar="NAME",
+        help="Remove this detector's results from metrics.json and its saved scores, then stop "
+             "(repeatable). Scoring never drops earlier results on its own.")] = None,
     oracle: Annotated[str | None, typer.Option(
         metavar="OOD_SET",
         help="ORACLE: detectors with a hyperparameter grid select on this OOD TEST set (an "
@@ -325,12 +329,31 @@ def score(
     from oodbench.experiment import pick_device
     from oodbench.pipeline import score_run
 
+    if forget:
+        _forget(_runs(run_dir, runs_root, benchmark, loss, seed), forget)
+        return
     ctx, dev, params = DataContext.resolve(data_root), pick_device(device), parse_params(param)
+    bad = []
     for run in _runs(run_dir, runs_root, benchmark, loss, seed):
         with progress_factory() as pf:
             m = score_run(run, ctx, dev, detector, calibrated, pf, params, selection,
                           ood_validation, batch_size, oracle)
         _print_scores(run.path, m)
+        bad += [f"{run.path}: {d}" for d in m["scored"] if m["detectors"][d].get("nonfinite")]
+    if bad:  # results are saved, but a NaN score is an input problem: say so in the exit code
+        raise OodbenchError(f"NaN/infinite scores (no metric computed): {'; '.join(bad)}",
+                            "check the detector's hyperparameters (-p) and the model's outputs")
+
+
+def _forget(runs: list[Any], names: list[str]) -> None:
+    from oodbench.console import console
+    from oodbench.pipeline import forget_detectors
+
+    for run in runs:
+        gone = forget_detectors(run, names)
+        console.print(f"{run.path}: removed {', '.join(gone) or 'nothing'}"
+                      + (f" (not there: {', '.join(sorted(set(names) - set(gone)))})"
+                         if set(names) - set(gone) else ""))
 
 
 def parse_params(items: list[str] | None) -> dict[str, dict[str, object]]:

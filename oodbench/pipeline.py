@@ -206,3 +206,25 @@ def merge_metrics(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
         return merged
 
     return update_json(run.metrics_path, merge)
+
+
+def forget_detectors(run: Run, names: list[str]) -> list[str]:
+    """Remove detectors' results from metrics.json and their saved scores: the one way results
+    are dropped (a later `score` only ever adds). Returns the names that were there."""
+    import shutil
+
+    if not run.metrics_path.exists():
+        raise OodbenchError(f"{run.path} has no metrics.json", "nothing to forget")
+    gone: list[str] = []
+
+    def drop(old: Any) -> Any:
+        if not isinstance(old, dict) or not isinstance(old.get("detectors"), dict):
+            raise OodbenchError(f"{run.metrics_path} is unreadable", "score the run again")
+        gone.extend(n for n in names if n in old["detectors"])
+        return {**old, "detectors": {k: v for k, v in old["detectors"].items()
+                                     if k not in names}}
+
+    update_json(run.metrics_path, drop)
+    for n in names:
+        shutil.rmtree(run.scores_dir / n, ignore_errors=True)
+    return gone

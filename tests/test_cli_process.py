@@ -155,3 +155,36 @@ def test_scoring_again_without_detectors_keeps_the_earlier_results(tmp_path):
     assert invoke("score", run).exit_code == 0
     detectors = json.loads((run / "metrics.json").read_text())["detectors"]
     assert set(detectors) == {"odin", "msp"}
+
+
+def test_forget_is_the_one_way_to_drop_results(tmp_path):
+    bench = _tiny_run(tmp_path)
+    assert invoke("train", "--benchmark", bench, "--loss", "softmax").exit_code == 0
+    run = tmp_path / "runs" / "my-copy" / "softmax-seed0"
+    assert invoke("score", run, "-d", "msp", "-d", "energy").exit_code == 0
+    r = invoke("score", run, "--forget", "energy", "--forget", "nope")
+    assert r.exit_code == 0 and "removed energy" in r.output and "not there: nope" in r.output
+    assert set(json.loads((run / "metrics.json").read_text())["detectors"]) == {"msp"}
+    assert not (run / "scores" / "energy").exists() and (run / "scores" / "msp").exists()
+
+
+def test_nan_scores_exit_2_after_saving_the_rest(tmp_path, monkeypatch):
+    import numpy as np
+
+    from oodbench.detectors import DETECTORS, Detector
+
+    class NaNs(Detector):
+        summary = "test: NaN everywhere"
+
+        def score(self, data):
+            return np.full(len(data), np.nan)
+
+    monkeypatch.setattr(DETECTORS, "_members", dict(DETECTORS._members))
+    DETECTORS.register("test-nans")(NaNs)
+    bench = _tiny_run(tmp_path)
+    assert invoke("train", "--benchmark", bench, "--loss", "softmax").exit_code == 0
+    run = tmp_path / "runs" / "my-copy" / "softmax-seed0"
+    r = invoke("score", run, "-d", "msp", "-d", "test-nans")
+    assert r.exit_code == 2 and "NaN/infinite scores" in r.output and "test-nans" in r.output
+    saved = json.loads((run / "metrics.json").read_text())["detectors"]
+    assert saved["msp"]["ood"] and saved["test-nans"]["nonfinite"]
