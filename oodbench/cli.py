@@ -484,6 +484,10 @@ def run(
                      ] = None,
     epochs: Annotated[int | None, typer.Option(metavar="N",
         help="Override the number of epochs.")] = None,
+    jobs: Annotated[int, typer.Option(
+        metavar="N", min=1,
+        help="Run the (loss × seed) runs as N parallel processes (each a train, calibrate, "
+             "score of its run folder; log in RUN/job.log). Complete runs are skipped.")] = 1,
     runs_root: RunsRoot = Path("runs"),
     data_root: DataRoot = None,
     device: Device = "auto",
@@ -501,11 +505,38 @@ def run(
     from oodbench.report_command import ReportOptions, run_report
     from oodbench.workflow import BenchmarkRequest, run_benchmark
 
-    with make_progress() as p, progress_factory(p) as pf:
-        folder = run_benchmark(BenchmarkRequest(benchmark, loss, seeds, epochs, runs_root),
-                               DataContext.resolve(data_root), pick_device(device),
-                               lambda label: RichTrainReporter(p, label), pf, console.print)
+    req = BenchmarkRequest(benchmark, loss, seeds, epochs, runs_root)
+    if jobs > 1:
+        folder = _sweep(req, DataContext.resolve(data_root), str(pick_device(device)), jobs)
+    else:
+        with make_progress() as p, progress_factory(p) as pf:
+            folder = run_benchmark(req, DataContext.resolve(data_root), pick_device(device),
+                                   lambda label: RichTrainReporter(p, label), pf, console.print)
     run_report([folder], ReportOptions(table_metrics=("auroc", "fpr_at_tpr95")))
+
+
+def _sweep(req: Any, ctx: Any, device: str, jobs: int) -> Path:
+    """The runs as parallel processes, one progress line per run showing its current step."""
+    from oodbench.console import console, make_progress
+    from oodbench.sweep import run_sweep
+
+    with make_progress() as p:
+        tasks: dict[str, Any] = {}
+
+        def status(label: str, step: str) -> None:
+            if label not in tasks:
+                tasks[label] = p.add_task(label, total=None, info="")
+            done = step in ("done", "complete: skipped")
+            p.update(tasks[label], info=step, total=1 if done else None,
+                     completed=1 if done else 0)
+
+        folder, ran = run_sweep(req, ctx, device, jobs, status)
+    failed = [j for j in ran if j.returncode]
+    for j in failed:
+        console.print(f"[bold red]{j.label} failed while {j.failed_step}[/]: see {j.log}")
+    if failed:
+        raise typer.Exit(max(j.returncode or 1 for j in failed))
+    return folder
 
 
 @command()

@@ -1,0 +1,103 @@
+"""`oodbench run --jobs N`: the independent (loss × seed) runs of a benchmark as N parallel
+processes, each the same three commands a user would type (`train`, `calibrate`, `score` on its
+run folder), so a sweep is nothing but the ordinary, resumable steps. A run whose results are
+complete is skipped; an unfinished one resumes from its checkpoint. Each job's output goes to
+`<run>/job.log`; its current step is reported through `on_status`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from oodbench.data import DataContext
+from oodbench.runs import Run
+from oodbench.workflow import BenchmarkRequest, benchmark_runs
+
+Status = Callable[[str, str], None]  # (run label, step) → shown by the CLI
+
+
+def is_complete(run: Run) -> bool:
+    """Trained, calibrated and scored for every benchmark detector, after the last checkpoint."""
+    if not run.checkpoint_path.exists() or not run.metrics_path.exists():
+        return False
+    newer = run.checkpoint_path.stat().st_mtime
+    if not run.calibration_path.exists() or run.calibration_path.stat().st_mtime < newer:
+        return False
+    if run.metrics_path.stat().st_mtime < newer or not run.is_trained():
+        return False
+    from oodbench.io import read_json
+
+    scored = read_json(run.metrics_path).get("detectors", {})
+    return set(run.config().benchmark.detectors) <= set(scored)
+
+
+@dataclass
+class Job:
+    run: Run
+    steps: list[tuple[str, list[str]]]
+    returncode: int | None = None
+    failed_step: str = ""
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.run.path / "job.log"
+
+    @property
+    def label(self) -> str:
+        cfg = self.run.config()
+        return f"{cfg.loss}/seed{cfg.seed}"
+
+
+def _job(run: Run, ctx: DataContext, device: str) -> Job:
+    common = ["--data-root", str(ctx.root), "--device", device]
+    base = [sys.executable, "-m", "oodbench"]
+    path = str(run.path)
+    return Job(run, [("training", [*base, "train", "--run-dir", path, *common]),
+                     ("calibrating", [*base, "calibrate", path, *common]),
+                     ("scoring", [*base, "score", path, *common])])
+
+
+def _execute(job: Job, env: dict[str, str], on_status: Status) -> None:
+    with open(job.log, "a") as log:
+        for step, argv in job.steps:
+            on_status(job.label, step)
+            log.write(f"$ {' '.join(argv)}\n")
+            log.flush()
+            job.returncode = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, check=False).returncode
+            if job.returncode:
+                job.failed_step = step
+                on_status(job.label, f"failed while {step} (exit {job.returncode}; {job.log})")
+                return
+    on_status(job.label, "done")
+
+
+def run_sweep(req: BenchmarkRequest, ctx: DataContext, device: str, jobs: int,
+              on_status: Status) -> tuple[Path, list[Job]]:
+    """Run the benchmark's unfinished runs, `jobs` at a time; returns the benchmark's runs
+    folder and the jobs that ran (each with its return code)."""
+    runs = benchmark_runs(req, ctx)
+    todo = []
+    for run in runs:
+        if is_complete(run):
+            on_status(_job(run, ctx, device).label, "complete: skipped")
+        else:
+            todo.append(_job(run, ctx, device))
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    pending, active = list(todo), []
+    while pending or active:
+        active = [t for t in active if t.is_alive()]
+        while pending and len(active) < jobs:
+            t = threading.Thread(target=_execute, args=(pending.pop(0), env, on_status))
+            t.start()
+            active.append(t)
+        time.sleep(0.2)
+    return runs[0].path.parent, todo
