@@ -40,7 +40,9 @@ Image size (`s` = the smaller side): CIFAR-10-C's spatial parameters are for s =
 Determinism: the result is a pure function of (pixels, corruption, severity, seed,
 `CORRUPTION_VERSION`). Random corruptions draw from a CPU `torch.Generator` seeded with
 `noise_seed(name, severity, seed)`, in chunks of `CHUNK` images in order, so the same call gives
-the same bytes on any device and machine.
+the same bytes on any device and machine. A set is recomputed when needed, not stored
+(`oodbench.experiment.load_shifted`): 10,000 CIFAR images take 0.1 to 2.5 s per corruption and
+severity on two busy CPU cores (blur and JPEG the slowest).
 """
 
 from __future__ import annotations
@@ -166,15 +168,16 @@ def gaussian_noise(images: torch.Tensor, sigma: float, generator: torch.Generato
                       summary="Gaussian blur, σ in pixels of a 32 px image (scaled with size)")
 def gaussian_blur(images: torch.Tensor, sigma32: float, generator: torch.Generator
                   ) -> torch.Tensor:
-    n, c, h, w = images.shape
-    k = gaussian_kernel(blur_sigma(sigma32, side(images))).to(images.device)
+    h, w = images.shape[-2:]
+    k = gaussian_kernel(blur_sigma(sigma32, side(images))).tolist()
     r = (len(k) - 1) // 2
-    x = _to_float(images).reshape(n * c, 1, h, w)
-    if r > 0:
-        x = F.pad(x, (r, r, r, r), mode="replicate")
-        x = F.conv2d(x, k.view(1, 1, 1, -1))
-        x = F.conv2d(x, k.view(1, 1, -1, 1))
-    return _to_uint8(x.reshape(n, c, h, w))
+    x = _to_float(images)
+    if r > 0:  # separable: a weighted sum of shifted copies (≤ 9 taps; faster than conv2d)
+        x = F.pad(x, (r, r, 0, 0), mode="replicate")
+        x = sum(k[i] * x[..., :, i:i + w] for i in range(len(k)))
+        x = F.pad(x, (0, 0, r, r), mode="replicate")
+        x = sum(k[i] * x[..., i:i + h, :] for i in range(len(k)))
+    return _to_uint8(x)
 
 
 @CORRUPTIONS.register("contrast", levels=(0.75, 0.5, 0.4, 0.3, 0.15),
