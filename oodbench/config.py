@@ -393,6 +393,31 @@ def _ood_sets(raw: Any, source: str, prefix: str) -> list[OODSet]:
 
 
 @dataclass
+class ShiftConfig:
+    """`shift:`: corrupted copies of the in-distribution test set (covariate shift, labels
+    kept), one per corruption and severity. Corruption names are checked against the registry
+    by `oodbench.data.corruptions.check_corruption_names` (config cannot import it)."""
+
+    corruptions: list[str]
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+
+    RANGES: ClassVar[dict[str, Range]] = {"severities": Range(1, 5)}
+    NON_EMPTY: ClassVar[tuple[str, ...]] = ("corruptions", "severities")
+
+    def validate(self, source: str = "", prefix: str = "shift") -> None:
+        check_fields(self, prefix, source)
+        for key in ("corruptions", "severities"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                _fail(source, _join(prefix, key), f"repeats {_yaml(values)}",
+                      f"list each of the {key} once")
+        for i, name in enumerate(self.corruptions):
+            if not is_plain_name(name):
+                _fail(source, _join(_join(prefix, "corruptions"), i),
+                      f"{name!r} is not a corruption name", "e.g. `gaussian_noise`")
+
+
+@dataclass
 class BenchmarkConfig:
     name: str
     dataset: str
@@ -407,6 +432,7 @@ class BenchmarkConfig:
     summary: str = ""
     # {mean: [...], std: [...]} replacing the dataset's input normalisation (pretrained weights)
     normalization: dict[str, list[float]] | None = None
+    shift: ShiftConfig | None = None  # corrupted in-distribution test sets (covariate shift)
 
     RANGES: ClassVar[dict[str, Range]] = {"classes": NON_NEGATIVE, "seeds": NON_NEGATIVE}
     NON_EMPTY: ClassVar[tuple[str, ...]] = ("classes", "seeds", "losses", "detectors",
@@ -441,6 +467,8 @@ class BenchmarkConfig:
             raw["train"] = raw.get("train") or TrainConfig()
         else:
             raw["train"] = build(TrainConfig, raw["train"], _join(prefix, "train"), source)
+        if not isinstance(raw.get("shift"), ShiftConfig | None):
+            raw["shift"] = build(ShiftConfig, raw["shift"], _join(prefix, "shift"), source)
         check_keys(cls, raw, prefix, source)
         cfg = cls(**raw)
         cfg.validate(source, prefix)
@@ -451,11 +479,13 @@ class BenchmarkConfig:
         registries (that is `oodbench.experiment.check_benchmark`, run wherever a benchmark is
         loaded for use)."""
         where_ind = _join(prefix, "in_distribution")
-        check_fields(self, prefix, source, skip=("train", "ood"))
+        check_fields(self, prefix, source, skip=("train", "ood", "shift"))
         if not isinstance(self.train, TrainConfig):
             _fail(source, _join(prefix, "train"), "must be a mapping of training options",
                   "write e.g. `train: {epochs: 30}`")
         self.train.validate(source, _join(prefix, "train"))
+        if self.shift is not None:
+            self.shift.validate(source, _join(prefix, "shift"))
         self._check_normalization(source, prefix)
         groups: dict[str, int] = {}
         for o in self.ood:

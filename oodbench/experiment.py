@@ -21,6 +21,7 @@ from oodbench.data import (
     absolute_dataset_name,
     get_dataset,
 )
+from oodbench.data.corruptions import SHIFT_SEED, check_corruption_names, corrupt, shifted_name
 from oodbench.detectors import DETECTORS
 from oodbench.errors import OodbenchError
 from oodbench.losses import LOSSES
@@ -114,6 +115,21 @@ def load_ood(cfg: RunConfig, ood: OODSet, ctx: DataContext) -> tuple[ImageSet, I
             )
         transform = transform.adapted(like.image_size, like.channels)
     return data, transform
+
+
+def load_shifted(cfg: RunConfig, corruption: str, severity: int, ctx: DataContext
+                 ) -> tuple[ImageSet, InputTransform]:
+    """The in-distribution test set with `corruption` at `severity` (1..5), named
+    `shift-<corruption>-<severity>`, labels kept (covariate shift, not a new class), and the
+    model's own input transform. Recomputed on each call, not cached on disk: it is
+    deterministic (seeded by corruption, severity and `SHIFT_SEED`) and cheap (0.1 to 2.5 s
+    per set of 10,000 CIFAR images on two busy CPU cores, 34 s for all 25 sets), where storing
+    the 25 sets would take 770 MB per dataset."""
+    check_corruption_names([corruption], "corruption")
+    test = load_in_distribution(cfg, "test", ctx)
+    images = corrupt(test.images, corruption, severity, SHIFT_SEED)
+    data = ImageSet(shifted_name(corruption, severity), images, test.labels, test.info)
+    return data, InputTransform.for_model(in_distribution_info(cfg))
 
 
 def check_benchmark_sets(cfg: RunConfig, ctx: DataContext) -> None:
