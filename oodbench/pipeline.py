@@ -163,7 +163,7 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
     sets: SetBundle = load_sets(cfg, p, ctx, device)
     choose_batch_size(lr, run, sets.test)
     setup = fit_select(lr, p, sets)
-    results = [forward_eval(lr, p, es) for es in sets.evaluated]
+    results = [forward_eval(lr, p, es) for es in [*sets.evaluated, *sets.shifted]]
     scores = score_sets(lr, p, results)
     metrics = assemble(cfg, lr, p, sets, results, scores, setup, calibration)
     metrics.update(run=str(run.path), environment={**environment(), "device": str(device)},

@@ -41,7 +41,12 @@ from oodbench.detectors import DETECTORS, Detector, DetectorInput, NotApplicable
 from oodbench.detectors.base import ORACLE_MODE
 from oodbench.detectors.gradients import frozen
 from oodbench.errors import OodbenchError
-from oodbench.experiment import in_distribution_info, load_in_distribution, load_ood
+from oodbench.experiment import (
+    in_distribution_info,
+    load_in_distribution,
+    load_ood,
+    load_shifted,
+)
 from oodbench.summaries import BASE_OUTPUTS
 
 # progress(description, total) -> advance(n); the CLI maps it to rich progress bars.
@@ -189,6 +194,7 @@ class SetBundle:
     train: EvalSet | None = None
     val: EvalSet | None = None
     ood_val: EvalSet | None = None
+    shifted: list[EvalSet] = field(default_factory=list)  # corrupted copies of the test set
 
     @property
     def evaluated(self) -> list[EvalSet]:
@@ -222,7 +228,22 @@ def load_sets(cfg: RunConfig, p: Plan, ctx: DataContext, device: torch.device) -
         check_disjoint(bundle.ood_val, bundle.evaluated)
     if p.oracle:
         bundle.ood_set(p.oracle)  # the name is checked before any work
+    bundle.shifted = load_shift(cfg, ctx, device)
     return bundle
+
+
+def load_shift(cfg: RunConfig, ctx: DataContext, device: torch.device) -> list[EvalSet]:
+    """The benchmark's `shift:` sets: the test set under each corruption and severity
+    (covariate-shifted in-distribution data, labels kept)."""
+    shift = cfg.benchmark.shift
+    if shift is None:
+        return []
+    out = []
+    for c in shift.corruptions:
+        for sev in shift.severities:
+            data, tf = load_shifted(cfg, c, sev, ctx)
+            out.append(EvalSet(data.to(device), tf, "shift", f"{c}:{sev}"))
+    return out
 
 
 def load_ood_validation(cfg: RunConfig, dataset: str, ctx: DataContext,
@@ -543,7 +564,8 @@ def score_sets(lr: LoadedRun, p: Plan, results: list[SetResult]) -> dict[str, De
 
 # ----------------------------------------------------------------------------------- assemble
 def detector_record(det: Detector, s: DetectorScores, test: str, p: Plan,
-                    setup: dict[str, float], correct: np.ndarray) -> dict[str, Any]:
+                    setup: dict[str, float], correct: np.ndarray,
+                    shifted: tuple[str, ...] = ()) -> dict[str, Any]:
     """One detector's entry in metrics.json. No metric is computed from non-finite scores: a
     set with any is left out (and the in-dist test set's block every set). `correct` flags the
     classifier's right predictions on the test set: the score is also judged as a confidence
@@ -553,7 +575,7 @@ def detector_record(det: Detector, s: DetectorScores, test: str, p: Plan,
     bad = s.nonfinite()
     in_scores = s.per_set[test]
     others = {} if test in bad else {o: v for o, v in s.per_set.items()
-                                     if o != test and o not in bad}
+                                     if o != test and o not in bad and o not in shifted}
     ood = {o: ood_metrics(in_scores, v) for o, v in others.items()}
     selective = {} if test in bad else {
         "in_distribution": selective_metrics(in_scores, correct),
@@ -561,9 +583,27 @@ def detector_record(det: Detector, s: DetectorScores, test: str, p: Plan,
     record = {"ood": ood, "selective": selective, "cost": s.cost, "cost_basis": s.cost_basis,
               "temperature": p.temperature, "calibrated": p.calibrated,
               **det.describe(), "setup_seconds": setup}
+    if shifted and test not in bad:
+        record["shift"] = shift_record(in_scores, {k: s.per_set[k] for k in shifted
+                                                   if k not in bad}, others)
     if bad:
         record["nonfinite"] = bad
     return record
+
+
+def shift_record(in_scores: np.ndarray, shifted: dict[str, np.ndarray],
+                 ood: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per shifted set: the shifted set taken as OOD (is the shift detected?), and full-spectrum
+    (shifted samples count as in-distribution, next to the clean test set, against each OOD
+    set: does the detector still accept what the classifier should handle?)."""
+    from oodbench.metrics import ood_metrics
+
+    out = {}
+    for name, v in shifted.items():
+        spectrum = np.concatenate([in_scores, v])
+        out[name] = {"as_ood": ood_metrics(in_scores, v),
+                     "full_spectrum": {o: ood_metrics(spectrum, w) for o, w in ood.items()}}
+    return out
 
 
 def assemble(cfg: RunConfig, lr: LoadedRun, p: Plan, sets: SetBundle,
@@ -575,6 +615,11 @@ def assemble(cfg: RunConfig, lr: LoadedRun, p: Plan, sets: SetBundle,
     bench, test = cfg.benchmark, sets.test
     logits, labels = results[0].outputs.logits, results[0].outputs.labels
     correct = (logits.argmax(1) == labels).numpy()
+    shift = {r.set.name: {"corruption": r.set.group.split(":")[0],
+                          "severity": int(r.set.group.split(":")[1]),
+                          "classification": classification_metrics(r.outputs.logits,
+                                                                   r.outputs.labels)}
+             for r in results if r.set.role == "shift"}
     classification = {"uncalibrated": classification_metrics(logits, labels)}
     temps = {"uncalibrated": 1.0}
     if calibration is not None:
@@ -590,9 +635,11 @@ def assemble(cfg: RunConfig, lr: LoadedRun, p: Plan, sets: SetBundle,
         "in_distribution": bench.dataset, "model": bench.model, "loss": cfg.loss,
         "seed": cfg.seed, "ood_sets": {o.name: o.group for o in bench.ood},
         "n": {r.set.name: len(r.set.data) for r in results},
+        "shift": shift,
         "classification": classification, "calibration": calibration,
         "detectors": {**{n: detector_record(d, scores[n], test.name, p, setup.seconds[n],
-                                            correct) for n, d in p.detectors.items()},
+                                            correct, tuple(shift))
+                         for n, d in p.detectors.items()},
                       **{n: {"applicable": False, "reason": reason, "ood": {}}
                          for n, reason in p.not_applicable.items()}},
         "forward": {r.set.name: {"seconds": r.forward_seconds, "timed_here": r.timed_here,

@@ -278,3 +278,28 @@ def test_a_refusing_detector_is_na_with_its_reason_and_oracle_is_labelled(tmp_pa
     rows = {(x["loss"], x["detector"]): x for x in json.loads(r.stdout)["groups"][0]["rows"]}
     assert "linear head" in rows[("dismax", "react")]["not_applicable"]
     assert rows[("softmax", "react [oracle: patches]")]["oracle"] == "patches"
+
+
+def test_shifted_test_sets_are_scored_as_in_distribution_under_covariate_shift(digits_run):
+    """digits.yaml has a `shift:` section: each corruption × severity is a copy of the test set
+    (labels kept); accuracy per set, and per detector the shift as OOD and full-spectrum."""
+    from sklearn.metrics import roc_auc_score
+
+    m = score_run(digits_run, DataContext.resolve("unused"), CPU, ["msp"])
+    shift = digits_run.config().benchmark.shift
+    names = {f"shift-{c}-{s}" for c in shift.corruptions for s in shift.severities}
+    assert set(m["shift"]) == names
+    for c in ("contrast", "gaussian_blur"):
+        acc = [m["shift"][f"shift-{c}-{s}"]["classification"]["accuracy"] for s in (1, 5)]
+        assert acc[1] < acc[0], c  # accuracy falls with severity
+    rec = m["detectors"]["msp"]["shift"]["shift-contrast-3"]
+    s_in = np.load(digits_run.scores_dir / "msp" / "digits.npy").astype(np.float64)
+    s_sh = np.load(digits_run.scores_dir / "msp" / "shift-contrast-3.npy").astype(np.float64)
+    s_ood = np.load(digits_run.scores_dir / "msp" / "gaussian.npy").astype(np.float64)
+    want = roc_auc_score(np.r_[np.ones(len(s_in)), np.zeros(len(s_sh))], np.r_[s_in, s_sh])
+    assert rec["as_ood"]["auroc"] == pytest.approx(want, abs=1e-4)
+    spectrum = np.r_[s_in, s_sh]
+    want = roc_auc_score(np.r_[np.ones(len(spectrum)), np.zeros(len(s_ood))],
+                         np.r_[spectrum, s_ood])
+    assert rec["full_spectrum"]["gaussian"]["auroc"] == pytest.approx(want, abs=1e-4)
+    assert set(m["detectors"]["msp"]["ood"]) == {"patches", "gaussian", "uniform"}
