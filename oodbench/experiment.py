@@ -45,6 +45,11 @@ def check_benchmark(bench: BenchmarkConfig, source: str = "<benchmark>") -> Benc
         DETECTORS.get(det)
     for o in bench.ood:
         get_dataset(o.dataset)
+        if o.name.startswith("shift-"):
+            raise OodbenchError(f"{source}: OOD name {o.name!r} starts with 'shift-', the prefix "
+                                "of the corrupted test sets", "give the entry another `name`")
+    if bench.shift is not None:
+        check_corruption_names(bench.shift.corruptions, "shift.corruptions")
     return bench
 
 
