@@ -92,7 +92,7 @@ def _tie_caption(rep: dict[str, Any]) -> str:
     if not sig:
         return ""
     return (f"; {TIE_MARK} statistically tied with the best ({sig['test']}, "
-            f"{sig['replicates']} replicates, {sig['level']:.0%} interval of the difference "
+            f"{sig['replicates']} replicates, {sig['level'] * 100:g} % interval of the difference "
             "includes 0)")
 
 
@@ -229,7 +229,7 @@ def paper_tables(rep: dict[str, Any], metrics: tuple[str, ...] = PAPER_METRICS,
     return tables
 
 
-SIGNIFICANT_MARK = "*"
+SIGNIFICANT_MARK = "sig."
 
 
 def _delta_text(v: dict[str, Any]) -> str:
@@ -258,8 +258,8 @@ def comparison_tables(cmp: dict[str, Any], metrics: tuple[str, ...],
             caption = seed_text
             if sig and m == "auroc":
                 caption += (f"; {SIGNIFICANT_MARK} significant, n.s. not ({sig['test']}, "
-                            f"{sig['replicates']} replicates, {sig['level']:.0%} interval of Δ "
-                            "excludes 0)")
+                            f"{sig['replicates']} replicates, {sig['level'] * 100:g} % "
+                            "interval of Δ excludes 0)")
             t = TableModel(f"{_group_title(g)} · {NAMES[m]}: {cmp['a']['label']} → "
                            f"{cmp['b']['label']} (%; Δ in points)",
                            ["loss", "detector", *[_col_label(g, c) for c in cols]],

@@ -318,6 +318,10 @@ def build_report(runs: list[LoadedMetrics], filters: Filters | None = None,
     groups = [_group(key, g, filters, bootstrap, bootstrap_seed, row_runs)
               for key, g in sorted(by_group.items())]
     if not any(g["rows"] for g in groups):
+        if filters.metrics and not filters.ood_metrics:
+            raise OodbenchError("no run has the selective-classification metrics asked for "
+                                f"({', '.join(filters.metrics)})",
+                                "score the runs again with this version (`oodbench score RUN`)")
         raise OodbenchError("no detector / OOD set matches the filters",
                             "check --detector and --ood against the runs' names")
     boot = {"replicates": bootstrap, "seed": bootstrap_seed, "level": 0.95,
