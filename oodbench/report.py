@@ -705,8 +705,14 @@ def paired_difference(pairs: list[tuple[LoadedMetrics, LoadedMetrics]], det_a: s
     per seed the in-dist and OOD indices are resampled jointly for both rows, then the per-seed
     differences are averaged replicate by replicate. Seeds whose runs cannot be paired (other
     data, missing scores) are left out and named in `skipped`; no seed left = no `ci95`."""
-    scores = scores or _Scores()
-    reps, used, skipped = [], [], []
+    return _paired(pairs, det_a, det_b, sets, n_boot, seed, scores or _Scores())[0]
+
+
+def _paired(pairs: list[tuple[LoadedMetrics, LoadedMetrics]], det_a: str, det_b: str,
+            sets: list[str], n_boot: int, seed: int, scores: _Scores
+            ) -> tuple[dict[str, Any], list[str]]:
+    """`paired_difference` and the distinct reasons seeds were left out."""
+    reps, used, skipped, reasons = [], [], [], []
     for ra, rb in pairs:
         s = ra.data["seed"]
         problem = pairing_problem(ra, rb, sets)
@@ -724,6 +730,7 @@ def paired_difference(pairs: list[tuple[LoadedMetrics, LoadedMetrics]], det_a: s
                 except ValueError as e:
                     problem = str(e)
         skipped.append(f"seed {s}: {problem}")
+        reasons.append(problem)
     out: dict[str, Any] = {"seeds": used}
     if reps:
         diff = np.mean(reps, axis=0)
@@ -731,7 +738,10 @@ def paired_difference(pairs: list[tuple[LoadedMetrics, LoadedMetrics]], det_a: s
         out.update(ci95=[lo, hi], significant=bool(lo > 0 or hi < 0))
     if skipped:
         out["skipped"] = "; ".join(skipped)
-    return out
+    elif not pairs:
+        out["skipped"] = "no seed both rows have"
+        reasons.append(out["skipped"])
+    return out, list(dict.fromkeys(reasons))
 
 
 def _column_sets(group: dict[str, Any], col: str) -> list[str]:
@@ -757,6 +767,7 @@ def _ties(group: dict[str, Any], row_runs: dict[RowKey, tuple[str, list[LoadedMe
     key = (group["benchmark"], group["in_distribution"], group["model"])
     scores = _Scores()
     out: dict[str, Any] = {}
+    problems: dict[str, list[str]] = {}
     for col in columns(group):
         have = [(r, c) for r in group["rows"] if (c := cell_of(r, col, "auroc"))]
         if not have:
@@ -769,19 +780,23 @@ def _ties(group: dict[str, Any], row_runs: dict[RowKey, tuple[str, list[LoadedMe
             if r is best:
                 continue
             det, runs = row_runs[(*key, r["loss"], r["detector"])]
-            res = paired_difference(_seed_pairs(runs_best, runs, det_best, det, sets),
-                                    det_best, det, sets, n_boot, seed, scores)
-            if "ci95" not in res:
-                res.setdefault("skipped", "no seed both rows share")
-            if "skipped" in res:
-                warnings.append(f"{_where(group)} · {col}: {r['loss']} + {r['detector']} vs the "
-                                f"best: {res['skipped']}")
+            res, why = _paired(_seed_pairs(runs_best, runs, det_best, det, sets), det_best, det,
+                               sets, n_boot, seed, scores)
+            for w in why:
+                problems.setdefault(w, []).append(f"{r['loss']} + {r['detector']} ({col})")
             if "ci95" in res and not res["significant"]:
                 tied.append(_name(r))
             tests.append({**_name(r), "delta": c["mean"] - cell_of(best, col, "auroc")["mean"],
                           **res})
         out[col] = {"best": _name(best), "tied": tied, "tests": tests}
+    warnings += [f"{_where(group)}: some seeds (or rows) not paired with the best for the tie "
+                 f"test ({why}): {_few(rows)}; see `ties` in report.json"
+                 for why, rows in problems.items()]
     return out
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def _name(row: dict[str, Any]) -> dict[str, str]:
@@ -844,6 +859,7 @@ def compare(a: Report, b: Report, label_a: str, label_b: str, significance: int 
         b_rows = {(r["loss"], r["detector"]): r for r in gb["rows"]}
         cols = [c for c in columns(ga) if c in columns(gb)]
         rows = []
+        problems: dict[str, list[str]] = {}
         for ra in ga["rows"]:
             rb = b_rows.get((ra["loss"], ra["detector"]))
             if rb is None:
@@ -859,7 +875,7 @@ def compare(a: Report, b: Report, label_a: str, label_b: str, significance: int 
                         if k == "auroc" and significance:
                             cells[col][k].update(_compare_test(
                                 a, b, key, ra, col, _column_sets(ga, col),
-                                _column_sets(gb, col), significance, seed, scores, warnings))
+                                _column_sets(gb, col), significance, seed, scores, problems))
             row = {"loss": ra["loss"], "detector": ra["detector"], "columns": cells}
             sa = (ra.get("selective") or {}).get("in_distribution", {})
             sb = (rb.get("selective") or {}).get("in_distribution", {})
@@ -876,6 +892,8 @@ def compare(a: Report, b: Report, label_a: str, label_b: str, significance: int 
                     k: _delta(ca["uncalibrated"][k], cb["uncalibrated"][k])
                     for k in CLASSIFICATION_METRICS
                     if k in ca["uncalibrated"] and k in cb["uncalibrated"]}
+        warnings += [f"{_where(ga)}: some seeds not paired for the significance test ({why}): "
+                     f"{_few(cells)}" for why, cells in problems.items()]
         groups.append({"benchmark": ga["benchmark"], "in_distribution": ga["in_distribution"],
                        "model": ga["model"],
                        "ood_sets": {o: g for o, g in ga["ood_sets"].items() if o in cols},
@@ -898,19 +916,18 @@ def _delta(ca: dict[str, Any], cb: dict[str, Any]) -> dict[str, float]:
 
 def _compare_test(a: Report, b: Report, key: tuple[str, str, str], row: dict[str, Any],
                   col: str, sets_a: list[str], sets_b: list[str], n_boot: int, seed: int,
-                  scores: _Scores, warnings: list[str]) -> dict[str, Any]:
-    """The paired test of one AUROC cell of a comparison: A's and B's runs of each seed."""
-    where = f"{' · '.join(key)} · {row['loss']} + {row['detector']} · {col}"
+                  scores: _Scores, problems: dict[str, list[str]]) -> dict[str, Any]:
+    """The paired test of one AUROC cell of a comparison: A's and B's runs of each seed.
+    Why seeds could not be paired goes to `problems` (reason → the cells)."""
     if sets_a != sets_b:
         res: dict[str, Any] = {"seeds": [], "skipped": "the mean is over other OOD sets in A "
                                                        "and B"}
+        why = [res["skipped"]]
     else:
         det_a, runs_a = a.row_runs[(*key, row["loss"], row["detector"])]
         det_b, runs_b = b.row_runs[(*key, row["loss"], row["detector"])]
         pairs = _seed_pairs(runs_a, runs_b, det_a, det_b, sets_a)
-        res = paired_difference(pairs, det_a, det_b, sets_a, n_boot, seed, scores)
-        if not pairs:
-            res["skipped"] = "no seed in both A and B"
-    if "skipped" in res:
-        warnings.append(f"{where}: {res['skipped']}")
+        res, why = _paired(pairs, det_a, det_b, sets_a, n_boot, seed, scores)
+    for w in why:
+        problems.setdefault(w, []).append(f"{row['loss']} + {row['detector']} ({col})")
     return res

@@ -212,7 +212,7 @@ def test_compare_refuses_to_pair_other_data(tmp_path: Path):
     cell = doc["groups"][0]["rows"][0]["columns"]["near1"]["auroc"]
     assert cell["seeds"] == [0, 1] and cell["significant"] is False
     assert "seed 2" in cell["skipped"] and "fingerprints differ" in cell["skipped"]
-    assert any("seed 2" in w and "fingerprints differ" in w for w in doc["warnings"])
+    assert any("not paired" in w and "fingerprints differ" in w for w in doc["warnings"])
     assert errors(doc, SCHEMA) == []
 
 
