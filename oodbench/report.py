@@ -15,6 +15,24 @@ value) is a result, not a setup, and never splits. A row with more than one vari
 label naming the settings that differ (`odin [T=100]`, `msp [train.epochs=2]`); two runs of the
 same seed and setup are an error, never two seeds.
 
+Selective classification ("beyond AUROC"): where metrics.json has them, each row also carries
+`selective` — the detector's score judged as a confidence on the in-distribution test set
+(`in_distribution`), with each OOD set mixed in, accepted OOD samples counting as errors
+(`with_ood`, per set), and the near / far / all means of the latter (`with_ood_means`, averaged
+over the sets within each seed first); each loss's classification line carries the MSP baseline
+(`selective_msp`, at T = 1 and at the fitted temperature). A non-finite per-seed value (the
+misclassification AUROC of a seed with no errors) leaves that seed out of its cell. Runs scored
+before these metrics existed simply have none.
+
+Is a difference real? `significance` = N > 0 runs a paired bootstrap (`paired_difference`):
+two rows scored on the same test samples (two detectors of one run, or runs of the same seed
+whose `provenance.datasets` fingerprints agree for the test and OOD sets) are resampled jointly,
+per seed; the per-seed AUROC differences are averaged replicate by replicate; a difference is
+significant when its 95 % percentile interval excludes 0. Per group and AUROC column, `ties`
+holds the best row and the rows not significantly worse (the tie set); `compare` marks each
+AUROC Δ. Seeds that cannot be paired are left out and named (never paired blindly). Every report
+warns when a group has fewer than MIN_SEEDS seeds.
+
 The reader is tolerant: keys it does not know are ignored, so other steps may add to
 metrics.json freely; only the keys it needs are required.
 """
