@@ -418,7 +418,9 @@ def report(
         help="Run folders or folders of runs (default: runs/).")] = None,
     metric: Annotated[list[str] | None, typer.Option(metavar="METRIC",
         help="Metric(s) to show (repeatable): auroc, fpr_at_tpr95, tnr_at_tpr95, dtacc, "
-             "aupr_in, aupr_out. Tables default to auroc and fpr_at_tpr95, data to all.")
+             "aupr_in, aupr_out, and the selective-classification ones "
+             "misclassification_auroc, aurc, e_aurc, augrc, risk_at_80, risk_at_95. Tables "
+             "default to auroc, fpr_at_tpr95 and the selective ones, data to all.")
     ] = None,
     ood: Annotated[list[str] | None, typer.Option(metavar="NAME",
         help="Only these OOD sets (repeatable).")
@@ -456,6 +458,10 @@ def report(
              "is --loss-option in `train`.")
     ] = None,
     write: Annotated[bool, typer.Option(metavar="", help="Write the report files.")] = True,
+    significance: Annotated[int, typer.Option(metavar="N",
+        help="Paired-bootstrap replicates over test samples (0 = off; e.g. 1000): mark the rows "
+             "tied with the best per AUROC column (†), and with --compare whether each AUROC "
+             "Δ is significant (95 %).")] = 0,
 ) -> None:
     """Compare runs (mean ± std over seeds), write it as JSON, Markdown and CSV, and gate CI.
 
@@ -468,7 +474,8 @@ def report(
     from oodbench.report_command import ReportOptions, run_report
 
     opts = ReportOptions(metric, ood, detector, loss, fmt, style, pair, compare, plots,
-                         bootstrap, fail_under or [], fail_over or [], output, write)
+                         bootstrap, fail_under or [], fail_over or [], output, write,
+                         significance=significance)
     code = run_report(paths or [Path("runs")], opts)
     if code:
         raise typer.Exit(code)

@@ -7,6 +7,16 @@ set or a model. Without an OOD-set or mean qualifier an OOD metric checks every 
 means lie between them, so they add nothing). `accuracy`, `ece` and `nll` check each loss's
 uncalibrated test values (`calibrated` as a qualifier checks the calibrated ones); `cost` checks
 each detector's inference cost. A gate that selects no cell is an error, never a silent pass.
+
+Selective-classification metrics (`misclassification_auroc`, `aurc`, `e_aurc`, `augrc`,
+`risk_at_80`, `risk_at_95`) check each detector row's cell on the in-distribution test set by
+default (qualifier `in_dist` names it explicitly). The "with OOD" cells (accepted OOD samples
+count as errors) are checked only when named: `with_ood` selects every OOD set's cell, an OOD set
+name that set's cell, and `mean` / `near` / `far` the with-OOD means. The MSP baseline of each
+loss (`classification.selective_msp`) is checked only with the qualifier `baseline` (at T = 1;
+`baseline:calibrated` at the fitted temperature): `--fail-under misclassification_auroc:msp=0.8`
+checks the in-distribution cell of every `msp` detector row, `--fail-over aurc:baseline=0.05`
+the uncalibrated MSP baseline of every loss.
 """
 
 from __future__ import annotations
@@ -16,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from oodbench.errors import OodbenchError
-from oodbench.metrics import CLASSIFICATION_METRICS, OOD_METRICS
+from oodbench.metrics import CLASSIFICATION_METRICS, OOD_METRICS, SELECTIVE_METRICS
 
-GATE_METRICS = (*OOD_METRICS, *CLASSIFICATION_METRICS, "cost")
+GATE_METRICS = (*OOD_METRICS, *SELECTIVE_METRICS, *CLASSIFICATION_METRICS, "cost")
 MEAN_NAMES = {"mean": "all", "near": "near", "far": "far"}
+IN_DIST, WITH_OOD, BASELINE = "in_dist", "with_ood", "baseline"
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ def parse_gate(spec: str, under: bool) -> Gate:
     if metric not in GATE_METRICS:
         raise OodbenchError(f"{option} {spec!r}: unknown metric {metric!r}",
                             f"use one of: {', '.join(GATE_METRICS)}")
-    if metric != "cost" and metric != "nll" and not 0.0 <= threshold <= 1.0:
+    if metric not in ("cost", "nll", "e_aurc") and not 0.0 <= threshold <= 1.0:
         raise OodbenchError(f"{option} {spec!r}: {metric} is a fraction in [0, 1]",
                             f"write {threshold / 100:g} for {threshold:g} %")
     return Gate(metric, tuple(q for q in qualifiers if q), threshold, under)
@@ -76,6 +87,9 @@ def cells(report: dict[str, Any], metric: str) -> Iterator[Cell]:
     for g in report["groups"]:
         base = {"benchmark": g["benchmark"], "in_distribution": g["in_distribution"],
                 "model": g["model"]}
+        if metric in SELECTIVE_METRICS:
+            yield from _selective_cells(g, base, metric)
+            continue
         if metric in CLASSIFICATION_METRICS:
             for loss, c in g["classification"].items():
                 for state in ("uncalibrated", "calibrated"):
@@ -105,10 +119,39 @@ def cells(report: dict[str, Any], metric: str) -> Iterator[Cell]:
                     yield Cell({**row, "column": name}, r["means"][col][metric]["mean"])
 
 
+def _selective_cells(g: dict[str, Any], base: dict[str, str], metric: str) -> Iterator[Cell]:
+    for loss, c in g["classification"].items():
+        for state, ms in c.get("selective_msp", {}).items():
+            if metric in ms:
+                yield Cell({**base, "loss": loss, "loss_name": _base(loss), "detector": BASELINE,
+                            "state": state, "view": IN_DIST}, ms[metric]["mean"])
+    for r in g["rows"]:
+        row = {**base, "loss": r["loss"], "detector": r["detector"],
+               "detector_name": _base(r["detector"])}
+        sel = r.get("selective", {})
+        if metric in sel.get("in_distribution", {}):
+            yield Cell({**row, "view": IN_DIST}, sel["in_distribution"][metric]["mean"])
+        elif set(r.get("nonfinite", {})) - set(g["ood_sets"]):
+            yield Cell({**row, "view": IN_DIST}, float("nan"))  # NaN test scores: no metric
+        for ood, ms in sel.get("with_ood", {}).items():
+            if metric in ms:
+                yield Cell({**row, "view": WITH_OOD, "column": ood}, ms[metric]["mean"])
+        for name, col in MEAN_NAMES.items():
+            if metric in sel.get("with_ood_means", {}).get(col, {}):
+                yield Cell({**row, "view": WITH_OOD, "column": name},
+                           sel["with_ood_means"][col][metric]["mean"])
+
+
 def _selected(gate: Gate, cell: Cell) -> bool:
     labels = set(cell.labels.values())
     if not all(q in labels for q in gate.qualifiers):
         return False
+    if cell.labels.get("detector") == BASELINE and "view" in cell.labels \
+            and BASELINE not in gate.qualifiers:
+        return False  # the MSP baseline only when named
+    if cell.labels.get("view") == WITH_OOD and WITH_OOD not in gate.qualifiers \
+            and cell.labels.get("column") not in gate.qualifiers:
+        return False  # with-OOD cells only when `with_ood` or their column is named
     if cell.labels.get("state") == "calibrated" and "calibrated" not in gate.qualifiers:
         return False
     column = cell.labels.get("column")
@@ -121,6 +164,8 @@ def evaluate(report: dict[str, Any], gates: list[Gate]) -> list[tuple[Gate, Cell
     for gate in gates:
         all_cells = list(cells(report, gate.metric))
         known = {v for c in all_cells for v in c.labels.values()} | set(MEAN_NAMES)
+        if gate.metric in SELECTIVE_METRICS:
+            known |= {IN_DIST, WITH_OOD, BASELINE, "calibrated"}
         unknown = [q for q in gate.qualifiers if q not in known]
         if unknown:
             raise OodbenchError(f"gate {gate.text}: {unknown} names nothing in the report",

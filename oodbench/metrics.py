@@ -272,3 +272,52 @@ def selective_with_ood(in_scores: np.ndarray, correct: np.ndarray,
     scores = np.concatenate([np.asarray(in_scores, float), np.asarray(out_scores, float)])
     ok = np.concatenate([np.asarray(correct, bool), np.zeros(len(out_scores), bool)])
     return selective_metrics(scores, ok)
+
+
+# ------------------------------------------------------------------ paired bootstrap (AUROC)
+def _weighted_aurocs(pos: np.ndarray, neg: np.ndarray, w_pos: np.ndarray,
+                     w_neg: np.ndarray) -> np.ndarray:
+    """AUROC (P(s_in > s_out) + ½ P(=)) under per-sample weights, one per row of `w_pos` (B×k)
+    and `w_neg` (B×n): the weights are bootstrap counts, so row b is the AUROC of replicate b."""
+    order = np.argsort(neg, kind="stable")
+    below = np.searchsorted(neg[order], pos, "left")  # OOD samples < each in-dist score
+    upto = np.searchsorted(neg[order], pos, "right")  # ... <= each in-dist score
+    cum = np.zeros((w_neg.shape[0], len(neg) + 1))
+    np.cumsum(w_neg[:, order], axis=1, out=cum[:, 1:])
+    wins = 0.5 * (cum[:, below] + cum[:, upto])
+    return np.einsum("bk,bk->b", w_pos, wins) / (w_pos.sum(1) * w_neg.sum(1))
+
+
+def paired_bootstrap_auroc(in_a: np.ndarray, outs_a: list[np.ndarray], in_b: np.ndarray,
+                           outs_b: list[np.ndarray], n_boot: int = 1000, seed: int = 0,
+                           chunk: int = 64) -> np.ndarray:
+    """`n_boot` replicates of mean_sets AUROC(b) − mean_sets AUROC(a) for two score functions
+    on the SAME samples (`in_a[i]` and `in_b[i]` score one test sample; `outs_a[j]`, `outs_b[j]`
+    one OOD set each, in one sample order). Each replicate resamples the in-distribution indices
+    once (shared by every set and both rows) and each OOD set's indices (shared by both rows),
+    so what the two rows have in common cancels out of the difference."""
+    pa, pb = _check("in-distribution scores", in_a), _check("in-distribution scores", in_b)
+    if len(pa) != len(pb) or len(outs_a) != len(outs_b) or not outs_a:
+        raise ValueError("paired rows need scores of the same samples")
+    na = [_check("OOD scores", o) for o in outs_a]
+    nb = [_check("OOD scores", o) for o in outs_b]
+    if any(len(x) != len(y) for x, y in zip(na, nb, strict=True)):
+        raise ValueError("paired rows need scores of the same samples")
+    rng = np.random.default_rng(seed)
+    k = len(pa)
+    out = np.empty(n_boot)
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        w_in = _counts(rng, k, b)
+        diff = np.zeros(b)
+        for oa, ob in zip(na, nb, strict=True):
+            w_out = _counts(rng, len(oa), b)
+            diff += _weighted_aurocs(pb, ob, w_in, w_out) - _weighted_aurocs(pa, oa, w_in, w_out)
+        out[start:start + b] = diff / len(na)
+    return out
+
+
+def _counts(rng: np.random.Generator, n: int, b: int) -> np.ndarray:
+    """`b` bootstrap resamples of n indices, each as how often every index was drawn (b×n)."""
+    draws = rng.integers(0, n, (b, n)) + n * np.arange(b)[:, None]
+    return np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)

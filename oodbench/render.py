@@ -18,19 +18,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from oodbench.errors import OodbenchError
-from oodbench.metrics import HIGHER_IS_BETTER
+from oodbench.metrics import HIGHER_IS_BETTER, OOD_METRICS, SELECTIVE_METRICS
 from oodbench.registry import Registry
-from oodbench.report import best_values, cell_of, columns
+from oodbench.report import best_values, cell_of, columns, is_tied
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 NAMES = {"tnr_at_tpr95": "TNR@95", "fpr_at_tpr95": "FPR@95", "auroc": "AUROC", "dtacc": "DTACC",
-         "aupr_in": "AUPR-in", "aupr_out": "AUPR-out"}
+         "aupr_in": "AUPR-in", "aupr_out": "AUPR-out", "misclassification_auroc": "misclass. AUROC",
+         "aurc": "AURC", "e_aurc": "E-AURC", "augrc": "AUGRC", "risk_at_80": "risk@80",
+         "risk_at_95": "risk@95"}
 DEFAULT_TABLE_METRICS = ("auroc", "fpr_at_tpr95")
 PAPER_METRICS = ("tnr_at_tpr95", "auroc", "dtacc")
 PAPER_PAIRS = (("softmax", "msp"), ("softmax", "entropy"), ("dismax", "mmles"))
 MEAN_LABELS = {"near": "near mean", "far": "far mean", "all": "mean"}
+TIE_MARK = "†"
 
 
 @dataclass
@@ -80,20 +83,39 @@ def classification_table(g: dict[str, Any]) -> TableModel:
     return t
 
 
-def report_tables(rep: dict[str, Any], metrics: tuple[str, ...]) -> list[TableModel]:
-    """Per group: the classification table, then one table per metric (rows = loss + detector,
-    columns = OOD sets near first, the near / far / all means, and the cost)."""
+def _seeds_text(seeds: list[int]) -> str:
+    return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} {seeds}"
+
+
+def _tie_caption(rep: dict[str, Any]) -> str:
+    sig = rep.get("significance")
+    if not sig:
+        return ""
+    return (f"; {TIE_MARK} statistically tied with the best ({sig['test']}, "
+            f"{sig['replicates']} replicates, {sig['level'] * 100:g} % interval of the difference "
+            "includes 0)")
+
+
+def report_tables(rep: dict[str, Any], metrics: tuple[str, ...],
+                  selective: tuple[str, ...] = ()) -> list[TableModel]:
+    """Per group: the classification table, then one table per OOD metric of `metrics` (rows =
+    loss + detector, columns = OOD sets near first, the near / far / all means, and the cost),
+    then the selective-classification tables of the metrics in `selective` (or in `metrics`)."""
     tables = []
+    ood = [m for m in metrics if m in OOD_METRICS]
+    sel = tuple(dict.fromkeys([*selective, *[m for m in metrics if m in SELECTIVE_METRICS]]))
     for g in rep["groups"]:
         tables.append(classification_table(g))
         cols = columns(g)
-        for m in metrics:
+        for m in ood:
             best = best_values(g, m)
             arrow = "↑" if HIGHER_IS_BETTER[m] else "↓"
+            ties = m == "auroc" and "ties" in g
             t = TableModel(f"{_group_title(g)} · {NAMES[m]} {arrow} (%)",
                            ["loss", "detector", *[_col_label(g, c) for c in cols], "cost ×"],
-                           caption="mean ± std over seeds "
-                                   f"{g['seeds']}; best per column emphasised",
+                           caption="mean ± std over "
+                                   f"{_seeds_text(g['seeds'])}; best per column emphasised"
+                                   + (_tie_caption(rep) if ties else ""),
                            right_from=2)
             for r in g["rows"]:
                 if r.get("not_applicable"):  # one wide note instead of empty cells
@@ -102,14 +124,78 @@ def report_tables(rep: dict[str, Any], metrics: tuple[str, ...]) -> list[TableMo
                     continue
                 cells = [cell_of(r, c, m) for c in cols]
                 t.add([r["loss"], r["detector"],
-                       *[fmt(c) if c or col not in r.get("nonfinite", {}) else
+                       *[(fmt(c) + (f" {TIE_MARK}" if ties and is_tied(g, r, col) else ""))
+                         if c or col not in r.get("nonfinite", {}) else
                          f"NaN×{r['nonfinite'][col]}" for c, col in zip(cells, cols, strict=True)],
                        fmt(r.get("cost"), percent=False, digits=2)],
                       [False, False, *[bool(c) and abs(c["mean"] - best.get(col, float("nan")))
                                        < 1e-12 for c, col in zip(cells, cols, strict=True)],
                        False])
             tables.append(t)
+        if sel:
+            tables += selective_tables(g, sel)
     return tables
+
+
+def _emphasise_best(t: TableModel, values: list[list[dict[str, Any] | None]],
+                    metrics: tuple[str, ...], first: int) -> None:
+    """Emphasise the best mean per metric column (columns from index `first`)."""
+    for j, m in enumerate(metrics):
+        means = [row[j]["mean"] for row in values if row[j]]
+        if not means:
+            continue
+        best = (max if HIGHER_IS_BETTER[m] else min)(means)
+        for i, row in enumerate(values):
+            t.emphasis[i][first + j] = bool(row[j]) and abs(row[j]["mean"] - best) < 1e-12
+
+
+def selective_tables(g: dict[str, Any], metrics: tuple[str, ...]) -> list[TableModel]:
+    """The detectors' scores judged as confidences (selective classification): on the
+    in-distribution test set, with each loss's MSP baseline at T = 1 and at the fitted
+    temperature; then with the OOD sets mixed in (accepted OOD samples count as errors), as the
+    mean over the OOD sets (per set in report.json / .csv). Tables appear only when the runs
+    have these metrics (runs scored before they existed have none)."""
+    heads = ["loss", "detector", *[f"{NAMES[m]} {'↑' if HIGHER_IS_BETTER[m] else '↓'}"
+                                   for m in metrics]]
+    seeds = _seeds_text(g["seeds"])
+    out = []
+    t = TableModel(f"{_group_title(g)} · selective classification, in-distribution test set (%)",
+                   heads, caption=f"mean ± std over {seeds}; misclassification AUROC: correct vs "
+                                  "wrong predictions; AURC / AUGRC: area under the (generalized) "
+                                  "risk–coverage curve; risk@c: selective risk at coverage c; "
+                                  "best per column emphasised", right_from=2)
+    values: list[list[dict[str, Any] | None]] = []
+    for loss, c in g["classification"].items():
+        for state, label in (("uncalibrated", "MSP baseline (T = 1)"),
+                             ("calibrated", "MSP baseline (calibrated T)")):
+            ms = c.get("selective_msp", {}).get(state)
+            if ms:
+                values.append([ms.get(m) for m in metrics])
+                t.add([loss, label, *[fmt(v) for v in values[-1]]])
+    for r in g["rows"]:
+        ms = r.get("selective", {}).get("in_distribution")
+        if ms:
+            values.append([ms.get(m) for m in metrics])
+            t.add([r["loss"], r["detector"], *[fmt(v) for v in values[-1]]])
+    if t.rows:
+        _emphasise_best(t, values, metrics, 2)
+        out.append(t)
+    n_sets = len(g["ood_sets"])
+    t = TableModel(f"{_group_title(g)} · selective classification with OOD inputs (%)", heads,
+                   caption=f"mean ± std over {seeds} of the mean over the {n_sets} OOD set"
+                           f"{'s' if n_sets != 1 else ''}: each set mixed into the test stream, "
+                           "every accepted OOD sample counted as an error; per set in "
+                           "report.json / .csv; best per column emphasised", right_from=2)
+    values = []
+    for r in g["rows"]:
+        ms = r.get("selective", {}).get("with_ood_means", {}).get("all")
+        if ms:
+            values.append([ms.get(m) for m in metrics])
+            t.add([r["loss"], r["detector"], *[fmt(v) for v in values[-1]]])
+    if t.rows:
+        _emphasise_best(t, values, metrics, 2)
+        out.append(t)
+    return out
 
 
 def paper_tables(rep: dict[str, Any], metrics: tuple[str, ...] = PAPER_METRICS,
@@ -143,15 +229,41 @@ def paper_tables(rep: dict[str, Any], metrics: tuple[str, ...] = PAPER_METRICS,
     return tables
 
 
-def comparison_tables(cmp: dict[str, Any], metrics: tuple[str, ...]) -> list[TableModel]:
-    """Per group and metric: 'a → b (Δ)' in points; improvements emphasised."""
+SIGNIFICANT_MARK = "sig."
+
+
+def _delta_text(v: dict[str, Any]) -> str:
+    text = f"{v['a'] * 100:.1f} → {v['b'] * 100:.1f} ({v['delta'] * 100:+.1f})"
+    if "significant" in v:
+        text += f" {SIGNIFICANT_MARK}" if v["significant"] else " n.s."
+    return text
+
+
+def comparison_tables(cmp: dict[str, Any], metrics: tuple[str, ...],
+                      selective: tuple[str, ...] = ()) -> list[TableModel]:
+    """Per group and OOD metric: 'a → b (Δ)' in points; improvements emphasised; with
+    --significance, AUROC cells say whether Δ is significant (*) or not (n.s.). Then the
+    selective metrics (of `selective` or `metrics`) on the in-distribution test set."""
     tables = []
+    sig = cmp.get("significance")
+    sel = tuple(dict.fromkeys([*selective, *[m for m in metrics if m in SELECTIVE_METRICS]]))
     for g in cmp["groups"]:
         cols = g["columns"]
+        seeds = g.get("seeds")
+        seed_text = (f"A: {_seeds_text(seeds['a'])}, B: {_seeds_text(seeds['b'])}"
+                     if seeds else "")
         for m in metrics:
+            if m not in OOD_METRICS:
+                continue
+            caption = seed_text
+            if sig and m == "auroc":
+                caption += (f"; {SIGNIFICANT_MARK} significant, n.s. not ({sig['test']}, "
+                            f"{sig['replicates']} replicates, {sig['level'] * 100:g} % "
+                            "interval of Δ excludes 0)")
             t = TableModel(f"{_group_title(g)} · {NAMES[m]}: {cmp['a']['label']} → "
                            f"{cmp['b']['label']} (%; Δ in points)",
-                           ["loss", "detector", *[_col_label(g, c) for c in cols]], right_from=2)
+                           ["loss", "detector", *[_col_label(g, c) for c in cols]],
+                           caption=caption.lstrip("; "), right_from=2)
             for r in g["rows"]:
                 cells, emph = [], []
                 for c in cols:
@@ -160,19 +272,35 @@ def comparison_tables(cmp: dict[str, Any], metrics: tuple[str, ...]) -> list[Tab
                         cells.append("–")
                         emph.append(False)
                         continue
-                    cells.append(f"{v['a'] * 100:.1f} → {v['b'] * 100:.1f} "
-                                 f"({v['delta'] * 100:+.1f})")
+                    cells.append(_delta_text(v))
                     better = v["delta"] > 0 if HIGHER_IS_BETTER[m] else v["delta"] < 0
                     emph.append(better and abs(v["delta"]) > 1e-12)
+                t.add([r["loss"], r["detector"], *cells], [False, False, *emph])
+            tables.append(t)
+        rows = [r for r in g["rows"] if r.get("selective")]
+        if sel and rows:
+            t = TableModel(f"{_group_title(g)} · selective classification, in-distribution: "
+                           f"{cmp['a']['label']} → {cmp['b']['label']} (%; Δ in points)",
+                           ["loss", "detector", *[NAMES[m] for m in sel]], caption=seed_text,
+                           right_from=2)
+            for r in rows:
+                cells, emph = [], []
+                for m in sel:
+                    v = r["selective"].get(m)
+                    cells.append(_delta_text(v) if v else "–")
+                    better = v and (v["delta"] > 0 if HIGHER_IS_BETTER[m] else v["delta"] < 0)
+                    emph.append(bool(better) and abs(v["delta"]) > 1e-12)
                 t.add([r["loss"], r["detector"], *cells], [False, False, *emph])
             tables.append(t)
     return tables
 
 
-def to_markdown(tables: list[TableModel], heading: str) -> str:
+def to_markdown(tables: list[TableModel], heading: str, warnings: list[str] | None = None
+                ) -> str:
     out = [f"# {heading}", "",
            "Values in %; in-distribution is the positive class; emphasised cells in **bold**.",
            ""]
+    out += [*(f"> **Warning:** {w}" for w in warnings or ()), *([""] if warnings else [])]
     for t in tables:
         out += [f"### {t.title}", "", "| " + " | ".join(t.headers) + " |",
                 "|" + "|".join("---" if i < t.right_from else "---:"
@@ -230,6 +358,9 @@ def report_csv(rep: dict[str, Any]) -> str:
                     line(g, loss, "", state, "", k, c, "nats" if k == "nll" else "fraction")
             if "temperature" in cls:
                 line(g, loss, "", "calibrated", "", "temperature", cls["temperature"], "")
+            for state, ms in cls.get("selective_msp", {}).items():  # the MSP baseline
+                for k, c in ms.items():
+                    line(g, loss, "msp baseline", state, "selective", k, c, "fraction")
         for r in g["rows"]:
             if "cost" in r:
                 line(g, r["loss"], r["detector"], "", "", "cost", r["cost"], "forward passes")
@@ -238,23 +369,40 @@ def report_csv(rep: dict[str, Any]) -> str:
                 cells = r["ood"].get(col) or r["means"].get(col) or {}
                 for k, c in cells.items():
                     line(g, r["loss"], r["detector"], col, grp, k, c, "fraction")
+            sel = r.get("selective", {})
+            for k, c in sel.get("in_distribution", {}).items():
+                line(g, r["loss"], r["detector"], "in_dist", "selective", k, c, "fraction")
+            for col, ms in [*sel.get("with_ood", {}).items(),
+                            *sel.get("with_ood_means", {}).items()]:
+                grp = g["ood_sets"].get(col, "mean")
+                for k, c in ms.items():
+                    line(g, r["loss"], r["detector"], col, f"with_ood {grp}", k, c, "fraction")
     return _csv(header, rows)
 
 
 def comparison_csv(cmp: dict[str, Any]) -> str:
     header = ["benchmark", "in_distribution", "model", "loss", "detector", "column", "metric",
-              "a", "b", "delta", "unit"]
+              "a", "b", "delta", "unit", "ci95_low", "ci95_high", "significant"]
     rows: list[list[Any]] = []
+
+    def sig(v: dict[str, Any]) -> list[Any]:
+        lo, hi = v.get("ci95", ("", ""))
+        return [lo, hi, v.get("significant", "")]
+
     for g in cmp["groups"]:
+        where = [g["benchmark"], g["in_distribution"], g["model"]]
         for loss, ms in g["classification"].items():
             for k, v in ms.items():
-                rows.append([g["benchmark"], g["in_distribution"], g["model"], loss, "", "", k,
-                             v["a"], v["b"], v["delta"], "nats" if k == "nll" else "fraction"])
+                rows.append([*where, loss, "", "", k, v["a"], v["b"], v["delta"],
+                             "nats" if k == "nll" else "fraction", "", "", ""])
         for r in g["rows"]:
             for col, ms in r["columns"].items():
                 for k, v in ms.items():
-                    rows.append([g["benchmark"], g["in_distribution"], g["model"], r["loss"],
-                                 r["detector"], col, k, v["a"], v["b"], v["delta"], "fraction"])
+                    rows.append([*where, r["loss"], r["detector"], col, k, v["a"], v["b"],
+                                 v["delta"], "fraction", *sig(v)])
+            for k, v in r.get("selective", {}).items():
+                rows.append([*where, r["loss"], r["detector"], "in_dist", k, v["a"], v["b"],
+                             v["delta"], "fraction", "", "", ""])
     return _csv(header, rows)
 
 
@@ -269,7 +417,11 @@ class RenderedReport:
 
     @property
     def markdown(self) -> str:
-        return to_markdown(self.tables, self.heading)
+        return to_markdown(self.tables, self.heading, self.warnings)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.doc.get("warnings") or [])
 
 
 # `@OUTPUT_FORMATS.register("name")` on a function (report, console) -> None printing the report.
@@ -278,8 +430,12 @@ OUTPUT_FORMATS: Registry[Callable[[RenderedReport, Console], None]] = Registry("
 
 @OUTPUT_FORMATS.register("rich")
 def print_rich(report: RenderedReport, out: Console) -> None:
+    from rich.markup import escape
+
     for table in to_rich(report.tables):
         out.print(table)
+    for w in report.warnings:
+        out.print(f"[yellow]warning:[/] {escape(w)}")
 
 
 @OUTPUT_FORMATS.register("markdown")

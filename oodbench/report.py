@@ -15,6 +15,24 @@ value) is a result, not a setup, and never splits. A row with more than one vari
 label naming the settings that differ (`odin [T=100]`, `msp [train.epochs=2]`); two runs of the
 same seed and setup are an error, never two seeds.
 
+Selective classification ("beyond AUROC"): where metrics.json has them, each row also carries
+`selective` — the detector's score judged as a confidence on the in-distribution test set
+(`in_distribution`), with each OOD set mixed in, accepted OOD samples counting as errors
+(`with_ood`, per set), and the near / far / all means of the latter (`with_ood_means`, averaged
+over the sets within each seed first); each loss's classification line carries the MSP baseline
+(`selective_msp`, at T = 1 and at the fitted temperature). A non-finite per-seed value (the
+misclassification AUROC of a seed with no errors) leaves that seed out of its cell. Runs scored
+before these metrics existed simply have none.
+
+Is a difference real? `significance` = N > 0 runs a paired bootstrap (`paired_difference`):
+two rows scored on the same test samples (two detectors of one run, or runs of the same seed
+whose `provenance.datasets` fingerprints agree for the test and OOD sets) are resampled jointly,
+per seed; the per-seed AUROC differences are averaged replicate by replicate; a difference is
+significant when its 95 % percentile interval excludes 0. Per group and AUROC column, `ties`
+holds the best row and the rows not significantly worse (the tie set); `compare` marks each
+AUROC Δ. Seeds that cannot be paired are left out and named (never paired blindly). Every report
+warns when a group has fewer than MIN_SEEDS seeds.
+
 The reader is tolerant: keys it does not know are ignored, so other steps may add to
 metrics.json freely; only the keys it needs are required.
 """
@@ -36,7 +54,9 @@ from oodbench.metrics import (
     CLASSIFICATION_METRICS,
     HIGHER_IS_BETTER,
     OOD_METRICS,
+    SELECTIVE_METRICS,
     bootstrap_auroc,
+    paired_bootstrap_auroc,
     percentile_interval,
 )
 from oodbench.provenance import digest, report_manifest
@@ -57,6 +77,9 @@ MEAN_COLUMNS = ("near", "far", "all")
 NOT_SETUP = ("seed", "benchmark.seeds", "benchmark.losses", "benchmark.detectors",
              "benchmark.summary")
 LABEL_ITEMS = 4  # a variant label names at most this many differing settings, then "+N more"
+REPORT_METRICS = (*OOD_METRICS, *SELECTIVE_METRICS)
+MIN_SEEDS = 3  # fewer seeds than this: the report warns that it cannot conclude much
+LEVEL = 0.95
 
 
 @dataclass
@@ -70,13 +93,23 @@ class Filters:
 
     def __post_init__(self) -> None:
         for m in self.metrics or ():
-            if m not in OOD_METRICS:
+            if m not in REPORT_METRICS:
                 raise OodbenchError(f"unknown metric {m!r}",
-                                    f"use one of: {', '.join(OOD_METRICS)}")
+                                    f"use one of: {', '.join(REPORT_METRICS)}")
 
     @property
     def ood_metrics(self) -> tuple[str, ...]:
-        return self.metrics or OOD_METRICS
+        """The OOD-detection metrics kept (all without --metric; none when only selective
+        metrics are asked for)."""
+        if self.metrics is None:
+            return OOD_METRICS
+        return tuple(m for m in self.metrics if m in OOD_METRICS)
+
+    @property
+    def selective_metrics(self) -> tuple[str, ...]:
+        if self.metrics is None:
+            return SELECTIVE_METRICS
+        return tuple(m for m in self.metrics if m in SELECTIVE_METRICS)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if v else None for k, v in self.__dict__.items()}
@@ -205,6 +238,10 @@ def check_metrics(m: dict[str, Any], f: Path) -> None:
         _need(f, k, m.get(k), kind, nullable=k not in m or k not in ("n", "test_set"))
     if isinstance(m.get("calibration"), dict):
         _need_all(f, "calibration", m["calibration"], ("temperature",), "a number")
+    msp = m["classification"].get("selective_msp")
+    _need(f, "classification.selective_msp", msp, "an object", nullable=True)
+    for state, cell in (msp or {}).items():
+        _check_selective(f, f"classification.selective_msp.{state}", cell)
     for name, d in m["detectors"].items():
         _check_detector(f, f"detectors.{name}", d)
 
@@ -224,6 +261,19 @@ def _check_detector(f: Path, key: str, d: Any) -> None:
         _need_all(f, f"{key}.ood.{o}", cell, OOD_METRICS, "a number")
     _need_all(f, f"{key}.nonfinite", d.get("nonfinite") or {}, tuple(d.get("nonfinite") or {}),
               "an integer")
+    sel = d.get("selective")
+    _need(f, f"{key}.selective", sel, "an object", nullable=True)
+    if isinstance(sel, dict):
+        if sel.get("in_distribution") is not None:
+            _check_selective(f, f"{key}.selective.in_distribution", sel["in_distribution"])
+        _need(f, f"{key}.selective.with_ood", sel.get("with_ood"), "an object", nullable=True)
+        for o, cell in (sel.get("with_ood") or {}).items():
+            _check_selective(f, f"{key}.selective.with_ood.{o}", cell)
+
+
+def _check_selective(f: Path, key: str, cell: Any) -> None:
+    _need(f, key, cell, "an object")
+    _need_all(f, key, cell, SELECTIVE_METRICS, "a number")
 
 
 def _cell(values: list[float]) -> dict[str, Any]:
@@ -236,24 +286,43 @@ def _keep(name: str, allowed: tuple[str, ...] | None) -> bool:
     return allowed is None or name in allowed
 
 
+RowKey = tuple[str, str, str, str, str]  # benchmark, in-dist, model, loss, detector label
+
+
 @dataclass
 class Report:
     groups: list[dict[str, Any]]
     filters: Filters = field(default_factory=Filters)
     manifest: dict[str, Any] = field(default_factory=dict)
     bootstrap: dict[str, Any] | None = None
+    significance: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    # what each row was computed from: (detector name, the runs = seeds), for paired tests
+    row_runs: dict[RowKey, tuple[str, list[LoadedMetrics]]] = field(default_factory=dict,
+                                                                     repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "units": UNITS, "conventions": CONVENTIONS,
                 "filters": self.filters.to_dict(), "bootstrap": self.bootstrap,
+                "significance": self.significance, "warnings": self.warnings,
                 "manifest": self.manifest, "groups": self.groups}
 
 
+def significance_info(replicates: int, seed: int) -> dict[str, Any]:
+    return {"test": "paired bootstrap over test samples", "metric": "auroc",
+            "replicates": replicates, "seed": seed, "level": LEVEL,
+            "method": "in-dist and OOD indices resampled jointly for both rows; per seed, then "
+                      "the per-seed differences averaged replicate by replicate; significant "
+                      "when the 95 % percentile interval of the difference excludes 0"}
+
+
 def build_report(runs: list[LoadedMetrics], filters: Filters | None = None,
-                 bootstrap: int = 0, bootstrap_seed: int = 0) -> Report:
+                 bootstrap: int = 0, bootstrap_seed: int = 0, significance: int = 0) -> Report:
     """The report over `runs`. `bootstrap` > 0 adds a 95 % percentile interval to every AUROC
     cell from that many replicates per seed (in-dist and OOD scores resampled independently;
-    the interval of a seed mean averages the replicates across seeds, index by index)."""
+    the interval of a seed mean averages the replicates across seeds, index by index).
+    `significance` > 0 adds, per group and AUROC column, the rows statistically tied with the
+    best (`ties`; a paired bootstrap of that many replicates, see `paired_difference`)."""
     filters = filters or Filters()
     by_group: dict[tuple[str, str, str], list[LoadedMetrics]] = defaultdict(list)
     for r in runs:
@@ -263,14 +332,40 @@ def build_report(runs: list[LoadedMetrics], filters: Filters | None = None,
     if not by_group:
         raise OodbenchError("no run matches the --loss filter",
                             f"losses present: {sorted({r.data['loss'] for r in runs})}")
-    groups = [_group(key, g, filters, bootstrap, bootstrap_seed)
+    row_runs: dict[RowKey, tuple[str, list[LoadedMetrics]]] = {}
+    groups = [_group(key, g, filters, bootstrap, bootstrap_seed, row_runs)
               for key, g in sorted(by_group.items())]
     if not any(g["rows"] for g in groups):
+        if filters.metrics and not filters.ood_metrics:
+            raise OodbenchError("no run has the selective-classification metrics asked for "
+                                f"({', '.join(filters.metrics)})",
+                                "score the runs again with this version (`oodbench score RUN`)")
         raise OodbenchError("no detector / OOD set matches the filters",
                             "check --detector and --ood against the runs' names")
     boot = {"replicates": bootstrap, "seed": bootstrap_seed, "level": 0.95,
             "method": "percentile; in-dist and OOD resampled independently"} if bootstrap else None
-    return Report(groups, filters, report_manifest([(r.path, r.data) for r in runs]), boot)
+    warnings = [w for g in groups for w in seed_warnings(g)]
+    rep = Report(groups, filters, report_manifest([(r.path, r.data) for r in runs]), boot,
+                 None, warnings, row_runs)
+    if significance:
+        rep.significance = significance_info(significance, bootstrap_seed)
+        if "auroc" not in filters.ood_metrics:
+            warnings.append("ties with the best are tested on AUROC, which --metric left out")
+        else:
+            for g in groups:
+                g["ties"] = _ties(g, row_runs, significance, bootstrap_seed, warnings)
+    return rep
+
+
+def seed_warnings(g: dict[str, Any]) -> list[str]:
+    """A warning when a group has too few seeds to tell a real difference from seed noise."""
+    n = len(g["seeds"])
+    if n >= MIN_SEEDS:
+        return []
+    return [f"{g['benchmark']} · {g['in_distribution']} · {g['model']}: {n} seed"
+            f"{'s' if n != 1 else ''} ({', '.join(map(str, g['seeds']))}); with fewer than "
+            f"{MIN_SEEDS} seeds a difference between rows may be seed noise: do not conclude "
+            "from it"]
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -394,7 +489,8 @@ def _one_per_seed(runs: list[LoadedMetrics], what: str, same_model_ok: bool
 
 
 def _group(key: tuple[str, str, str], runs: list[LoadedMetrics], filters: Filters,
-           bootstrap: int, bootstrap_seed: int) -> dict[str, Any]:
+           bootstrap: int, bootstrap_seed: int,
+           row_runs: dict[RowKey, tuple[str, list[LoadedMetrics]]]) -> dict[str, Any]:
     bench, ind, model = key
     ood_sets: dict[str, str] = {}
     for r in runs:
@@ -407,7 +503,7 @@ def _group(key: tuple[str, str, str], runs: list[LoadedMetrics], filters: Filter
     for loss, lruns in sorted(by_loss.items()):
         for v in split_variants(lruns, lambda r: config_setup(r.data), f"loss {loss}",
                                 same_model_ok=True):
-            classification[v.suffix(loss)] = {**_classification(v.runs),
+            classification[v.suffix(loss)] = {**_classification(v.runs, filters),
                                               "variant": v.to_dict()}
         detectors = sorted({d for r in lruns for d in r.data["detectors"]
                             if _keep(d, filters.detectors)})
@@ -416,9 +512,12 @@ def _group(key: tuple[str, str, str], runs: list[LoadedMetrics], filters: Filter
             for v in split_variants(druns, lambda r, det=det: {
                     **config_setup(r.data), **detector_setup(r.data["detectors"][det])},
                     f"{loss} + {det}"):
-                rows.append(_labelled(_row(loss, det, v.runs, order, ood_sets, filters,
-                                           bootstrap, bootstrap_seed), v, det))
-    rows = [r for r in rows if r["ood"] or r.get("nonfinite") or r.get("not_applicable")]
+                row = _labelled(_row(loss, det, v.runs, order, ood_sets, filters, bootstrap,
+                                     bootstrap_seed), v, det)
+                rows.append(row)
+                row_runs[(*key, loss, row["detector"])] = (det, v.runs)
+    rows = [r for r in rows if r["ood"] or r.get("nonfinite") or r.get("not_applicable")
+            or r.get("selective")]
     return {"benchmark": bench, "in_distribution": ind, "model": model,
             "ood_sets": {o: ood_sets[o] for o in order},
             "seeds": sorted({r.data["seed"] for r in runs}),
@@ -434,7 +533,7 @@ def _labelled(row: dict[str, Any], v: Any, det: str) -> dict[str, Any]:
     return {**row, "detector": label, "variant": v.to_dict()}
 
 
-def _classification(runs: list[LoadedMetrics]) -> dict[str, Any]:
+def _classification(runs: list[LoadedMetrics], filters: Filters) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for state in ("uncalibrated", "calibrated"):
         vals = [r.data["classification"][state] for r in runs
@@ -447,6 +546,59 @@ def _classification(runs: list[LoadedMetrics]) -> dict[str, Any]:
              and "temperature" in r.data["calibration"]]
     if temps:
         out["temperature"] = _cell(temps)
+    msp = {}
+    for state in ("uncalibrated", "calibrated"):
+        cells = _selective_cells([(r.data["classification"].get("selective_msp") or {}).get(state)
+                                  for r in runs], filters.selective_metrics)
+        if cells:
+            msp[state] = cells
+    if msp:
+        out["selective_msp"] = msp
+    return out
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _selective_cells(per_seed: list[Any], metrics: tuple[str, ...]) -> dict[str, Any]:
+    """Cells of the selective metrics over the seeds that have them. A value that is not finite
+    (the misclassification AUROC of a seed without errors is undefined) leaves that seed out."""
+    out = {}
+    for k in metrics:
+        vals = [d[k] for d in per_seed if isinstance(d, dict) and _finite(d.get(k))]
+        if vals:
+            out[k] = _cell(vals)
+    return out
+
+
+def _selective(per_run: list[dict[str, Any]], order: list[str], ood_sets: dict[str, str],
+               metrics: tuple[str, ...]) -> dict[str, Any]:
+    """The detector's score judged as a confidence: the in-distribution cells, the with-OOD
+    cells per OOD set (accepted OOD samples count as errors) and their near / far / all means
+    (averaged over the sets within each seed first, as the OOD means)."""
+    sel = [d.get("selective") if isinstance(d.get("selective"), dict) else {} for d in per_run]
+    out: dict[str, Any] = {}
+    ind = _selective_cells([s.get("in_distribution") for s in sel], metrics)
+    if ind:
+        out["in_distribution"] = ind
+    wo = [s.get("with_ood") if isinstance(s.get("with_ood"), dict) else {} for s in sel]
+    with_ood = {o: c for o in order
+                if (c := _selective_cells([w.get(o) for w in wo], metrics))}
+    if with_ood:
+        out["with_ood"] = with_ood
+    means = {}
+    for col in MEAN_COLUMNS:
+        sets = [o for o in order if col == "all" or ood_sets[o] == col]
+        if not sets or any(o not in with_ood for o in sets):
+            continue
+        complete = [w for w in wo if all(isinstance(w.get(o), dict) for o in sets)]
+        cells = _selective_cells([{k: float(np.mean([w[o].get(k, np.nan) for o in sets]))
+                                   for k in metrics} for w in complete], metrics)
+        if cells:
+            means[col] = cells
+    if means:
+        out["with_ood_means"] = means
     return out
 
 
@@ -459,7 +611,7 @@ def _row(loss: str, det: str, runs: list[LoadedMetrics], order: list[str],
     cells: dict[str, dict[str, Any]] = {}
     for ood in order:
         vals = [d["ood"][ood] for d in per_run if ood in d.get("ood", {})]
-        if vals:
+        if vals and metrics:
             cells[ood] = {k: _cell([v[k] for v in vals]) for k in metrics}
             if bootstrap and "auroc" in metrics:
                 have = [r for r, d in zip(runs, per_run, strict=True) if ood in d.get("ood", {})]
@@ -469,7 +621,7 @@ def _row(loss: str, det: str, runs: list[LoadedMetrics], order: list[str],
     means: dict[str, Any] = {}
     for col in MEAN_COLUMNS:
         sets = [o for o in order if col == "all" or ood_sets[o] == col]
-        if any(o not in cells for o in sets):
+        if not metrics or any(o not in cells for o in sets):
             continue
         # a seed counts in a mean only when it has every set of that mean
         complete = [(r, d) for r, d in zip(runs, per_run, strict=True)
@@ -486,6 +638,9 @@ def _row(loss: str, det: str, runs: list[LoadedMetrics], order: list[str],
            "ood": cells, "means": means}
     if costs:
         row["cost"] = _cell(costs)
+    selective = _selective(per_run, order, ood_sets, filters.selective_metrics)
+    if selective:
+        row["selective"] = selective
     if nonfinite:
         row["nonfinite"] = nonfinite
     reasons = {d["reason"] for d in per_run if d.get("applicable") is False}
@@ -529,6 +684,152 @@ def _auroc_interval(runs: list[LoadedMetrics], det: str, sets: list[str], n_boot
     return list(percentile_interval(np.mean(reps, axis=0)))
 
 
+# ------------------------------------------------------------------ is a difference real?
+def pairing_problem(ra: LoadedMetrics, rb: LoadedMetrics, sets: list[str]) -> str | None:
+    """Why two runs' scores cannot be paired sample by sample (None when they can): one run
+    pairs with itself; two runs need the same test set and the same data, by the content
+    fingerprints `score` stores in `provenance.datasets`."""
+    if ra.path.resolve() == rb.path.resolve():
+        return None
+    if ra.test_set != rb.test_set:
+        return f"test sets differ ({ra.test_set} vs {rb.test_set})"
+    fa = (ra.data.get("provenance") or {}).get("datasets")
+    fb = (rb.data.get("provenance") or {}).get("datasets")
+    if not isinstance(fa, dict) or not isinstance(fb, dict):
+        return "no dataset fingerprints in provenance (older metrics.json)"
+    for name in (ra.test_set, *sets):
+        if not fa.get(name) or fa.get(name) != fb.get(name):
+            return f"{name} is not the same data in both runs (provenance fingerprints differ)"
+    return None
+
+
+class _Scores:
+    """Saved scores, each file read once per report; None when the file is missing."""
+
+    def __init__(self) -> None:
+        self.cache: dict[Path, np.ndarray | None] = {}
+
+    def get(self, r: LoadedMetrics, det: str, dataset: str) -> np.ndarray | None:
+        path = r.score_file(det, dataset)
+        if path not in self.cache:
+            self.cache[path] = np.load(path) if path.exists() else None
+        return self.cache[path]
+
+
+def paired_difference(pairs: list[tuple[LoadedMetrics, LoadedMetrics]], det_a: str, det_b: str,
+                      sets: list[str], n_boot: int, seed: int, scores: _Scores | None = None
+                      ) -> dict[str, Any]:
+    """Paired bootstrap of AUROC(b) − AUROC(a) (averaged over `sets`) for runs paired by seed:
+    per seed the in-dist and OOD indices are resampled jointly for both rows, then the per-seed
+    differences are averaged replicate by replicate. Seeds whose runs cannot be paired (other
+    data, missing scores) are left out and named in `skipped`; no seed left = no `ci95`."""
+    return _paired(pairs, det_a, det_b, sets, n_boot, seed, scores or _Scores())[0]
+
+
+def _paired(pairs: list[tuple[LoadedMetrics, LoadedMetrics]], det_a: str, det_b: str,
+            sets: list[str], n_boot: int, seed: int, scores: _Scores
+            ) -> tuple[dict[str, Any], list[str]]:
+    """`paired_difference` and the distinct reasons seeds were left out."""
+    reps, used, skipped, reasons = [], [], [], []
+    for ra, rb in pairs:
+        s = ra.data["seed"]
+        problem = pairing_problem(ra, rb, sets)
+        if problem is None:
+            a = [scores.get(ra, det_a, n) for n in (ra.test_set, *sets)]
+            b = [scores.get(rb, det_b, n) for n in (rb.test_set, *sets)]
+            if any(x is None for x in (*a, *b)):
+                problem = "no saved scores"
+            else:
+                try:
+                    reps.append(paired_bootstrap_auroc(a[0], a[1:], b[0], b[1:], n_boot,
+                                                       seed * 100_003 + abs(int(s))))
+                    used.append(s)
+                    continue
+                except ValueError as e:
+                    problem = str(e)
+        skipped.append(f"seed {s}: {problem}")
+        reasons.append(problem)
+    out: dict[str, Any] = {"seeds": used}
+    if reps:
+        diff = np.mean(reps, axis=0)
+        lo, hi = percentile_interval(diff, LEVEL)
+        out.update(ci95=[lo, hi], significant=bool(lo > 0 or hi < 0))
+    if skipped:
+        out["skipped"] = "; ".join(skipped)
+    elif not pairs:
+        out["skipped"] = "no seed both rows have"
+        reasons.append(out["skipped"])
+    return out, list(dict.fromkeys(reasons))
+
+
+def _column_sets(group: dict[str, Any], col: str) -> list[str]:
+    if col in group["ood_sets"]:
+        return [col]
+    return [o for o, g in group["ood_sets"].items() if col == "all" or g == col]
+
+
+def _seed_pairs(runs_a: list[LoadedMetrics], runs_b: list[LoadedMetrics], det_a: str,
+                det_b: str, sets: list[str]) -> list[tuple[LoadedMetrics, LoadedMetrics]]:
+    """Runs of the two rows with the same seed, where both have a metric for every set."""
+    def has(r: LoadedMetrics, det: str) -> bool:
+        return all(o in r.data["detectors"][det].get("ood", {}) for o in sets)
+    by_seed = {r.data["seed"]: r for r in runs_b if has(r, det_b)}
+    return [(r, by_seed[r.data["seed"]]) for r in sorted(runs_a, key=lambda r: r.data["seed"])
+            if r.data["seed"] in by_seed and has(r, det_a)]
+
+
+def _ties(group: dict[str, Any], row_runs: dict[RowKey, tuple[str, list[LoadedMetrics]]],
+          n_boot: int, seed: int, warnings: list[str]) -> dict[str, Any]:
+    """Per column: the best row by mean AUROC and every row not significantly worse (the tie
+    set, best included), from a paired bootstrap of each row against the best."""
+    key = (group["benchmark"], group["in_distribution"], group["model"])
+    scores = _Scores()
+    out: dict[str, Any] = {}
+    problems: dict[str, list[str]] = {}
+    for col in columns(group):
+        have = [(r, c) for r in group["rows"] if (c := cell_of(r, col, "auroc"))]
+        if not have:
+            continue
+        best, _ = max(have, key=lambda rc: rc[1]["mean"])
+        det_best, runs_best = row_runs[(*key, best["loss"], best["detector"])]
+        sets = _column_sets(group, col)
+        tied, tests = [_name(best)], []
+        for r, c in have:
+            if r is best:
+                continue
+            det, runs = row_runs[(*key, r["loss"], r["detector"])]
+            res, why = _paired(_seed_pairs(runs_best, runs, det_best, det, sets), det_best, det,
+                               sets, n_boot, seed, scores)
+            for w in why:
+                problems.setdefault(w, []).append(f"{r['loss']} + {r['detector']} ({col})")
+            if "ci95" in res and not res["significant"]:
+                tied.append(_name(r))
+            tests.append({**_name(r), "delta": c["mean"] - cell_of(best, col, "auroc")["mean"],
+                          **res})
+        out[col] = {"best": _name(best), "tied": tied, "tests": tests}
+    warnings += [f"{_where(group)}: some seeds (or rows) not paired with the best for the tie "
+                 f"test ({why}): {_few(rows)}; see `ties` in report.json"
+                 for why, rows in problems.items()]
+    return out
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _name(row: dict[str, Any]) -> dict[str, str]:
+    return {"loss": row["loss"], "detector": row["detector"]}
+
+
+def _where(g: dict[str, Any]) -> str:
+    return f"{g['benchmark']} · {g['in_distribution']} · {g['model']}"
+
+
+def is_tied(group: dict[str, Any], row: dict[str, Any], column: str) -> bool:
+    """Whether `row` is in the tie set of `column` (False when no ties were computed)."""
+    return _name(row) in group.get("ties", {}).get(column, {}).get("tied", [])
+
+
 def best_values(group: dict[str, Any], metric: str) -> dict[str, float]:
     """Best mean value per column (OOD set or near/far/all mean), for highlighting."""
     pick = max if HIGHER_IS_BETTER[metric] else min
@@ -559,17 +860,24 @@ def columns(group: dict[str, Any]) -> list[str]:
                                   and (both or c == "all")]]
 
 
-def compare(a: Report, b: Report, label_a: str, label_b: str) -> dict[str, Any]:
-    """Cell-by-cell B − A over the groups, rows and columns both reports have."""
+def compare(a: Report, b: Report, label_a: str, label_b: str, significance: int = 0,
+            seed: int = 0) -> dict[str, Any]:
+    """Cell-by-cell B − A over the groups, rows and columns both reports have. `significance` >
+    0: each AUROC Δ gets a paired bootstrap (seed by seed, on the same test samples; see
+    `paired_difference`) and says whether it is significant."""
     groups = []
+    warnings = [*a.warnings, *b.warnings]
+    scores = _Scores()
     b_groups = {(g["benchmark"], g["in_distribution"], g["model"]): g for g in b.groups}
     for ga in a.groups:
-        gb = b_groups.get((ga["benchmark"], ga["in_distribution"], ga["model"]))
+        key = (ga["benchmark"], ga["in_distribution"], ga["model"])
+        gb = b_groups.get(key)
         if gb is None:
             continue
         b_rows = {(r["loss"], r["detector"]): r for r in gb["rows"]}
         cols = [c for c in columns(ga) if c in columns(gb)]
         rows = []
+        problems: dict[str, list[str]] = {}
         for ra in ga["rows"]:
             rb = b_rows.get((ra["loss"], ra["detector"]))
             if rb is None:
@@ -582,24 +890,62 @@ def compare(a: Report, b: Report, label_a: str, label_b: str) -> dict[str, Any]:
                     if ca and cb:
                         cells[col][k] = {"a": ca["mean"], "b": cb["mean"],
                                          "delta": cb["mean"] - ca["mean"]}
-            rows.append({"loss": ra["loss"], "detector": ra["detector"], "columns": cells})
+                        if k == "auroc" and significance:
+                            cells[col][k].update(_compare_test(
+                                a, b, key, ra, col, _column_sets(ga, col),
+                                _column_sets(gb, col), significance, seed, scores, problems))
+            row = {"loss": ra["loss"], "detector": ra["detector"], "columns": cells}
+            sa = (ra.get("selective") or {}).get("in_distribution", {})
+            sb = (rb.get("selective") or {}).get("in_distribution", {})
+            sel = {k: _delta(sa[k], sb[k]) for k in a.filters.selective_metrics
+                   if k in sa and k in sb}
+            if sel:
+                row["selective"] = sel
+            rows.append(row)
         classification = {}
         for loss, ca in ga["classification"].items():
             cb = gb["classification"].get(loss, {})
             if "uncalibrated" in ca and "uncalibrated" in cb:
                 classification[loss] = {
-                    k: {"a": ca["uncalibrated"][k]["mean"], "b": cb["uncalibrated"][k]["mean"],
-                        "delta": cb["uncalibrated"][k]["mean"] - ca["uncalibrated"][k]["mean"]}
+                    k: _delta(ca["uncalibrated"][k], cb["uncalibrated"][k])
                     for k in CLASSIFICATION_METRICS
                     if k in ca["uncalibrated"] and k in cb["uncalibrated"]}
+        warnings += [f"{_where(ga)}: some seeds not paired for the significance test ({why}): "
+                     f"{_few(cells)}" for why, cells in problems.items()]
         groups.append({"benchmark": ga["benchmark"], "in_distribution": ga["in_distribution"],
                        "model": ga["model"],
                        "ood_sets": {o: g for o, g in ga["ood_sets"].items() if o in cols},
-                       "columns": cols, "classification": classification, "rows": rows})
+                       "columns": cols, "seeds": {"a": ga["seeds"], "b": gb["seeds"]},
+                       "classification": classification, "rows": rows})
     if not any(g["rows"] for g in groups):
         raise OodbenchError(f"{label_a} and {label_b} share no benchmark/model/loss/detector",
                             "compare runs of the same benchmark")
     return {"schema": COMPARISON_SCHEMA, "units": UNITS, "delta": "b − a",
             "a": {"label": label_a, "manifest": a.manifest},
             "b": {"label": label_b, "manifest": b.manifest},
-            "filters": a.filters.to_dict(), "groups": groups}
+            "filters": a.filters.to_dict(),
+            "significance": significance_info(significance, seed) if significance else None,
+            "warnings": list(dict.fromkeys(warnings)), "groups": groups}
+
+
+def _delta(ca: dict[str, Any], cb: dict[str, Any]) -> dict[str, float]:
+    return {"a": ca["mean"], "b": cb["mean"], "delta": cb["mean"] - ca["mean"]}
+
+
+def _compare_test(a: Report, b: Report, key: tuple[str, str, str], row: dict[str, Any],
+                  col: str, sets_a: list[str], sets_b: list[str], n_boot: int, seed: int,
+                  scores: _Scores, problems: dict[str, list[str]]) -> dict[str, Any]:
+    """The paired test of one AUROC cell of a comparison: A's and B's runs of each seed.
+    Why seeds could not be paired goes to `problems` (reason → the cells)."""
+    if sets_a != sets_b:
+        res: dict[str, Any] = {"seeds": [], "skipped": "the mean is over other OOD sets in A "
+                                                       "and B"}
+        why = [res["skipped"]]
+    else:
+        det_a, runs_a = a.row_runs[(*key, row["loss"], row["detector"])]
+        det_b, runs_b = b.row_runs[(*key, row["loss"], row["detector"])]
+        pairs = _seed_pairs(runs_a, runs_b, det_a, det_b, sets_a)
+        res, why = _paired(pairs, det_a, det_b, sets_a, n_boot, seed, scores)
+    for w in why:
+        problems.setdefault(w, []).append(f"{row['loss']} + {row['detector']} ({col})")
+    return res

@@ -47,6 +47,7 @@ class ReportOptions:
     output: Path | None = None
     write: bool = True
     table_metrics: tuple[str, ...] | None = None
+    significance: int = 0  # paired-bootstrap replicates for ties / significant Δ (0 = off)
 
     def filters(self) -> Filters:
         return Filters(*(tuple(v) if v else None
@@ -74,27 +75,30 @@ def run_report(paths: list[Path], o: ReportOptions) -> int:
         raise OodbenchError(f"unknown style {o.style!r}", f"use one of: {', '.join(STYLES)}")
     if o.bootstrap < 0:
         raise OodbenchError("--bootstrap must be >= 0", "e.g. --bootstrap 1000")
+    if o.significance < 0:
+        raise OodbenchError("--significance must be >= 0", "e.g. --significance 1000")
     gates = ([parse_gate(g, under=True) for g in o.fail_under]
              + [parse_gate(g, under=False) for g in o.fail_over])
     filters = o.filters()
     metrics = o.table_metrics or filters.metrics
+    selective = filters.selective_metrics  # their tables show whenever the runs have them
     if o.compare:
         a_path, b_path = o.compare
         runs = load_metrics(find_metrics([b_path]))
         rep_a = build_report(load_metrics(find_metrics([a_path])), filters)
         rep = build_report(runs, filters, o.bootstrap)
-        doc = compare(rep_a, rep, str(a_path), str(b_path))
-        tables = comparison_tables(doc, metrics or DEFAULT_TABLE_METRICS)
+        doc = compare(rep_a, rep, str(a_path), str(b_path), o.significance)
+        tables = comparison_tables(doc, metrics or DEFAULT_TABLE_METRICS, selective)
         csv_text, stem, heading = comparison_csv(doc), "comparison", "oodbench comparison"
         dest = o.output or (b_path if b_path.is_dir() else b_path.parent)
     else:
         runs = load_metrics(find_metrics(paths))
-        rep = build_report(runs, filters, o.bootstrap)
+        rep = build_report(runs, filters, o.bootstrap, significance=o.significance)
         doc = rep.to_dict()
         if o.style == "paper":
             tables = paper_tables(doc, metrics or PAPER_METRICS, _pairs(o.pair))
         else:
-            tables = report_tables(doc, metrics or DEFAULT_TABLE_METRICS)
+            tables = report_tables(doc, metrics or DEFAULT_TABLE_METRICS, selective)
         csv_text, stem, heading = report_csv(doc), "report", "oodbench report"
         dest = o.output or (paths[0] if paths[0].is_dir() else paths[0].parent)
 
