@@ -71,6 +71,44 @@ def _group_title(g: dict[str, Any]) -> str:
     return f"{g['benchmark']} · {g['in_distribution']} · {g['model']}"
 
 
+def _severities(names: list[str], shifts: dict[str, Any]) -> list[int]:
+    return sorted({shifts[n]["severity"] for n in names})
+
+
+def shift_tables(g: dict[str, Any]) -> list[TableModel]:
+    """Covariate shift (`shift:`): accuracy per loss × corruption across severities, then per
+    loss + detector the AUROC with the shifted sets as OOD and the full-spectrum AUROC
+    (shifted sets counted as in-distribution), each averaged over the corruptions."""
+    shifts = {n: v for c in g["classification"].values() for n, v in c.get("shift", {}).items()}
+    if not shifts:
+        return []
+    sevs = _severities(list(shifts), shifts)
+    acc = TableModel(f"{_group_title(g)} · covariate shift: accuracy (%) by severity",
+                     ["loss", "corruption", *[f"severity {s}" for s in sevs]], right_from=2)
+    for loss, c in g["classification"].items():
+        sh = c.get("shift", {})
+        for corr in sorted({v["corruption"] for v in sh.values()}):
+            by_sev = {v["severity"]: v for v in sh.values() if v["corruption"] == corr}
+            acc.add([loss, corr, *[fmt(by_sev.get(s, {}).get("accuracy")) for s in sevs]])
+    out = [acc]
+    for key, title in (("as_ood_auroc", "AUROC, shifted test set as OOD"),
+                       ("full_spectrum_auroc", "full-spectrum AUROC (shifted = in-dist) vs "
+                                                "the OOD sets")):
+        t = TableModel(f"{_group_title(g)} · {title}, mean over corruptions (%)",
+                       ["loss", "detector", *[f"severity {s}" for s in sevs]], right_from=2)
+        for r in g["rows"]:
+            if not r.get("shift"):
+                continue
+            cells = []
+            for sev in sevs:
+                vals = [v[key]["mean"] for n, v in r["shift"].items()
+                        if key in v and shifts.get(n, {}).get("severity") == sev]
+                cells.append(f"{100 * sum(vals) / len(vals):.1f}" if vals else "–")
+            t.add([r["loss"], r["detector"], *cells])
+        out.append(t)
+    return out
+
+
 def classification_table(g: dict[str, Any]) -> TableModel:
     t = TableModel(f"{_group_title(g)} · classification (%; NLL in nats; T = temperature)",
                    ["loss", "accuracy", "ECE", "NLL", "ECE calibrated", "NLL calibrated", "T"])
@@ -106,6 +144,7 @@ def report_tables(rep: dict[str, Any], metrics: tuple[str, ...],
     sel = tuple(dict.fromkeys([*selective, *[m for m in metrics if m in SELECTIVE_METRICS]]))
     for g in rep["groups"]:
         tables.append(classification_table(g))
+        tables.extend(shift_tables(g))
         cols = columns(g)
         for m in ood:
             best = best_values(g, m)

@@ -554,6 +554,37 @@ def _classification(runs: list[LoadedMetrics], filters: Filters) -> dict[str, An
             msp[state] = cells
     if msp:
         out["selective_msp"] = msp
+    shift = _shift_classification(runs)
+    if shift:
+        out["shift"] = shift
+    return out
+
+
+def _shift_classification(runs: list[LoadedMetrics]) -> dict[str, Any]:
+    """Accuracy / ECE / NLL on each corrupted copy of the test set (`shift:`), over seeds."""
+    out: dict[str, Any] = {}
+    names = sorted({n for r in runs for n in (r.data.get("shift") or {})})
+    for name in names:
+        vals = [r.data["shift"][name] for r in runs if name in (r.data.get("shift") or {})]
+        out[name] = {"corruption": vals[0]["corruption"], "severity": vals[0]["severity"],
+                     **{k: _cell([v["classification"][k] for v in vals])
+                        for k in CLASSIFICATION_METRICS}}
+    return out
+
+
+def _shift_row(per_run: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
+    """Per corrupted set: AUROC with the shifted set as OOD, and the full-spectrum AUROC
+    (shifted counted as in-distribution) averaged over the OOD sets within each seed."""
+    out: dict[str, Any] = {}
+    names = sorted({n for d in per_run for n in (d.get("shift") or {})})
+    for name in names:
+        recs = [d["shift"][name] for d in per_run if name in (d.get("shift") or {})]
+        spectrum = [np.mean([rec["full_spectrum"][o]["auroc"] for o in order
+                             if o in rec["full_spectrum"]]) for rec in recs
+                    if any(o in rec["full_spectrum"] for o in order)]
+        out[name] = {"as_ood_auroc": _cell([rec["as_ood"]["auroc"] for rec in recs])}
+        if spectrum:
+            out[name]["full_spectrum_auroc"] = _cell(spectrum)
     return out
 
 
@@ -650,6 +681,9 @@ def _row(loss: str, det: str, runs: list[LoadedMetrics], order: list[str],
               if isinstance(d.get("selection"), dict) and d["selection"].get("oracle")}
     if oracle:
         row["oracle"] = ", ".join(sorted(oracle))
+    shift = _shift_row(per_run, order)
+    if shift:
+        row["shift"] = shift
     return row
 
 

@@ -4,6 +4,7 @@ OOD validation kept apart from the test sets, and the phases called one by one f
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,3 +304,23 @@ def test_shifted_test_sets_are_scored_as_in_distribution_under_covariate_shift(d
                          np.r_[spectrum, s_ood])
     assert rec["full_spectrum"]["gaussian"]["auroc"] == pytest.approx(want, abs=1e-4)
     assert set(m["detectors"]["msp"]["ood"]) == {"patches", "gaussian", "uniform"}
+    # ... and the report shows them (schema-valid JSON, severity tables in Markdown)
+    import json
+
+    from jsonschema_lite import errors
+    from typer.testing import CliRunner
+
+    from oodbench.cli import app
+
+    r = CliRunner().invoke(app, ["report", str(digits_run.path), "-f", "json", "--no-write"])
+    doc = json.loads(r.stdout)
+    schema = json.loads((Path(__file__).parents[1] / "oodbench" / "schemas" /
+                         "report.schema.json").read_text())
+    assert errors(doc, schema) == []
+    group = doc["groups"][0]
+    assert set(group["classification"]["softmax"]["shift"]) == names
+    assert group["rows"][0]["shift"]["shift-contrast-3"]["as_ood_auroc"]["mean"] == (
+        pytest.approx(rec["as_ood"]["auroc"]))
+    md = CliRunner().invoke(app, ["report", str(digits_run.path), "-f", "markdown",
+                                  "--no-write"]).stdout
+    assert "covariate shift: accuracy (%) by severity" in md and "full-spectrum AUROC" in md
