@@ -347,8 +347,12 @@ def _needs(p: Any, sets: dict[str, ImageSet | None]) -> None:
         if names and sets[split] is None:
             raise OodbenchError(f"detector(s) {names} {why}",
                                 f"pass {split}=(images, labels), or drop them")
-    users = [n for n, d in p.detectors.items() if "blocks" in d.needs]
-    if users and not p.block_names:
+
+
+
+def _check_blocks(dets: Mapping[str, Any], block_names: Sequence[str]) -> None:
+    users = [n for n, d in dets.items() if "blocks" in d.needs]
+    if users and not block_names:
         raise OodbenchError(f"detector(s) {users} need block outputs",
                             "pass block_layers=[module names with N×C×H×W outputs], e.g. "
                             "(\"layer3\", \"layer4\") for a torchvision ResNet")
@@ -421,6 +425,7 @@ def evaluate(model: nn.Module, in_test: Any, ood_sets: Mapping[str, Any], train:
         if unknown:
             raise OodbenchError(f"near={unknown} names no OOD set", f"use of: {list(ood)}")
         dets = build_detectors(list(detectors), params, selection, oracle=oracle is not None)
+        _check_blocks(dets, adapter.block_names)
         p = plan(dets, tuple(adapter.block_names), temperature, False, None, oracle)
         splits = {"train": train, "val": val}
         loaded = {s: None if d is None or not (p.fitting if s == "train" else p.selecting)
