@@ -10,7 +10,8 @@ Known formats:
   inputs normalised with the ImageNet mean/std.
 - `state-dict`: a registered model's plain `Classifier.state_dict()` (keys `backbone.*`,
   `head.*`), saved as is, wrapped as `{"state_dict": ...}` / `{"model": ...}` /
-  `{"model_state_dict": ...}`, and/or with `module.` prefixes (DataParallel); inputs normalised
+  `{"model_state_dict": ...}`, and/or with `module.` prefixes (DataParallel); every key under
+  `backbone.` / `head.` (other dicts of tensors stay "not a known format"); inputs normalised
   as the benchmark's dataset (how oodbench trains them). Any registered model (`models` empty).
 """
 
@@ -93,10 +94,15 @@ def _tensors(obj: Any) -> dict[str, torch.Tensor] | None:
 
 
 def _plain_state(raw: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The state dict of an oodbench `Classifier` in `raw` (every key under `backbone.` or
+    `head.`, after any `module.` prefix), else None: other dicts of tensors stay unknown."""
     found = _tensors(raw)
     for key in STATE_DICT_WRAPPERS:
         found = found or _tensors(raw.get(key))
-    return found
+    if found is None:
+        return None
+    names = [k.removeprefix("module.") for k in found]
+    return found if all(n.startswith(("backbone.", "head.")) for n in names) else None
 
 
 @CHECKPOINT_FORMATS.register(
