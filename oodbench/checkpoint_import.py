@@ -3,8 +3,10 @@ score and report treat it exactly like a model trained here.
 
 The run's config is the chosen benchmark with the model replaced by the checkpoint's, the loss
 `softmax` (these checkpoints are plain cross-entropy networks) and the input normalisation the
-weights were trained with (e.g. ImageNet mean/std for the akamaster CIFAR ResNets), recorded in
-the benchmark's `normalization` key so every later step feeds the network the same way.
+weights were trained with (e.g. ImageNet mean/std for the akamaster CIFAR ResNets; the
+benchmark dataset's own for a registered model's plain `state_dict`, as oodbench trains it),
+recorded in the benchmark's `normalization` key so every later step feeds the network the same
+way.
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from oodbench.config import RunConfig
 from oodbench.errors import OodbenchError
-from oodbench.experiment import build_model, check_benchmark, load_checked_benchmark
+from oodbench.experiment import (
+    build_model,
+    check_benchmark,
+    in_distribution_info,
+    load_checked_benchmark,
+)
+from oodbench.models import MODELS
 from oodbench.models.pretrained import CHECKPOINT_FORMATS, read_foreign_checkpoint
 from oodbench.runs import Run, WeightsMismatch, load_weights
 from oodbench.train import save_checkpoint
@@ -34,12 +44,17 @@ def import_checkpoint(path: Path, model: str, benchmark: str, run_dir: Path | No
     """
     fmt_name, state, meta = read_foreign_checkpoint(Path(path))
     fmt = CHECKPOINT_FORMATS.get(fmt_name)
-    if model not in fmt.models:
+    if fmt.models and model not in fmt.models:
         raise OodbenchError(f"a {fmt_name} checkpoint holds one of {list(fmt.models)}, "
                             f"not {model!r}", f"pass --model with one of {list(fmt.models)}")
-    bench = load_checked_benchmark(benchmark)
-    bench = replace(bench, model=model, losses=["softmax"],
-                    normalization={"mean": list(fmt.mean), "std": list(fmt.std)})
+    MODELS.get(model)  # an unknown name lists the registered models
+    bench = replace(load_checked_benchmark(benchmark), model=model, losses=["softmax"])
+    if fmt.mean is None or fmt.std is None:  # trained as oodbench does: the dataset's own
+        info = in_distribution_info(RunConfig(bench, "softmax", seed, {}))
+        mean, std = info.mean, info.std
+    else:
+        mean, std = fmt.mean, fmt.std
+    bench = replace(bench, normalization={"mean": list(mean), "std": list(std)})
     source = f"{benchmark} (imported {fmt_name} checkpoint)"
     bench.validate(source)
     check_benchmark(bench, source)
@@ -47,7 +62,8 @@ def import_checkpoint(path: Path, model: str, benchmark: str, run_dir: Path | No
     classifier = build_model(cfg)
     mismatch = WeightsMismatch.between(classifier, state)
     if mismatch:  # checked before the run folder exists: a failed import leaves nothing
-        raise _mismatch_error(mismatch, state, cfg, fmt.models, Path(path))
+        raise _mismatch_error(mismatch, state, cfg, fmt.models or tuple(MODELS.names()),
+                              Path(path))
     load_weights(classifier, state, str(path))
     run = Run.create(run_dir or default_import_dir(bench.name, model, fmt_name), cfg)
     save_checkpoint(run, {
@@ -66,7 +82,11 @@ def _mismatch_error(mismatch: WeightsMismatch, state: dict[str, Any], cfg: RunCo
     for name in models:
         if name == given:
             continue
-        other = build_model(replace(cfg, benchmark=replace(cfg.benchmark, model=name)))
+        try:  # on the meta device: shapes only, no memory, no initialisation
+            with torch.device("meta"):
+                other = build_model(replace(cfg, benchmark=replace(cfg.benchmark, model=name)))
+        except OodbenchError:  # built for another input size, say
+            continue
         if not WeightsMismatch.between(other, state):
             cause = (f"the checkpoint looks like {name} but --model {given} was given "
                      f"({mismatch.likely_cause()})")

@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from oodbench.cli import app
+from oodbench.data import DATASETS
 from oodbench.models import build_classifier
 
 runner = CliRunner()
@@ -124,3 +125,61 @@ def test_a_head_for_another_number_of_classes_is_named(tmp_path: Path):
     assert "another number of classes: the checkpoint's head has 100 outputs, the model's 10" \
         in " ".join(r.output.split())
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------- a registered model's state_dict
+def smallcnn8_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return build_classifier("smallcnn8", torch.nn.Linear, 10, 1, 8).state_dict()
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "module"])
+def test_a_plain_state_dict_imports_and_scores(tmp_path: Path, wrap: str):
+    state = smallcnn8_state()
+    saved = {"plain": state, "state_dict": {"state_dict": state, "epoch": 3},
+             "module": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    torch.save(saved, tmp_path / "weights.pt")
+    r = invoke("import-checkpoint", tmp_path / "weights.pt", "--model", "smallcnn8",
+               "--benchmark", "digits", "--run-dir", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["imported"]["format"] == "state-dict"
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in state.items())
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    info = DATASETS.get("digits").info  # the dataset's own normalisation, as oodbench trains
+    assert cfg["benchmark"]["normalization"] == {"mean": list(info.mean), "std": list(info.std)}
+
+    r = invoke("score", tmp_path / "run", "--detector", "msp", "--detector", "energy")
+    assert r.exit_code == 0, r.output
+    metrics = yaml.safe_load((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["detectors"]) == {"msp", "energy"}
+    assert 0.0 <= metrics["detectors"]["msp"]["ood"]["patches"]["auroc"] <= 1.0
+
+
+def test_a_state_dict_of_another_model_is_a_clear_error(tmp_path: Path):
+    state = smallcnn8_state()
+    state["head.weight"], state["head.bias"] = torch.zeros(100, 128), torch.zeros(100)
+    torch.save(state, tmp_path / "weights.pt")
+    r = invoke("import-checkpoint", tmp_path / "weights.pt", "--model", "smallcnn8",
+               "--benchmark", "digits", "--run-dir", tmp_path / "run")
+    assert r.exit_code == 2
+    text = " ".join(r.output.split())
+    assert "does not match the model" in text and "fix:" in text
+    assert "the checkpoint's head has 100 outputs, the model's 10" in text
+    assert not (tmp_path / "run").exists()
+
+    torch.save(smallcnn8_state(), tmp_path / "weights.pt")
+    r = invoke("import-checkpoint", tmp_path / "weights.pt", "--model", "resnet18",
+               "--benchmark", "digits", "--run-dir", tmp_path / "run")
+    assert r.exit_code == 2
+    text = " ".join(r.output.split())
+    assert "the checkpoint looks like smallcnn8 but --model resnet18 was given" in text
+    assert "fix: pass --model smallcnn8" in text and not (tmp_path / "run").exists()
+
+
+def test_a_file_of_no_known_format_names_the_formats(tmp_path: Path):
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "weights.pt")
+    r = invoke("import-checkpoint", tmp_path / "weights.pt", "--model", "smallcnn8",
+               "--benchmark", "digits", "--run-dir", tmp_path / "run")
+    assert r.exit_code == 2
+    assert "akamaster" in r.output and "state-dict" in r.output

@@ -10,6 +10,7 @@ from oodbench.models.base import (
     build_classifier,
     check_block_activation,
 )
+from oodbench.models.hooked import HookedClassifier
 
-__all__ = ["MODELS", "Backbone", "Classifier", "ModelOutput", "ModelSpec", "build_classifier",
-           "check_block_activation"]
+__all__ = ["MODELS", "Backbone", "Classifier", "HookedClassifier", "ModelOutput", "ModelSpec",
+           "build_classifier", "check_block_activation"]

@@ -8,6 +8,11 @@ Known formats:
 - `akamaster`: Yerlan Idelbayev's CIFAR-10 ResNet-20/32/44/56 (`pytorch_resnet_cifar10`): a dict
   with `state_dict` (keys prefixed `module.`; `linear.*` is the classifier) and `best_prec1`;
   inputs normalised with the ImageNet mean/std.
+- `state-dict`: a registered model's plain `Classifier.state_dict()` (keys `backbone.*`,
+  `head.*`), saved as is, wrapped as `{"state_dict": ...}` / `{"model": ...}` /
+  `{"model_state_dict": ...}`, and/or with `module.` prefixes (DataParallel); every key under
+  `backbone.` / `head.` (other dicts of tensors stay "not a known format"); inputs normalised
+  as the benchmark's dataset (how oodbench trains them). Any registered model (`models` empty).
 """
 
 from __future__ import annotations
@@ -30,15 +35,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class CheckpointFormat:
     detect: Callable[[dict[str, Any]], bool]
     convert: Callable[[dict[str, Any]], dict[str, torch.Tensor]]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    models: tuple[str, ...]
+    mean: tuple[float, ...] | None  # None: the benchmark dataset's own normalisation
+    std: tuple[float, ...] | None
+    models: tuple[str, ...]  # empty: any registered model
     summary: str
 
 
 def _checkpoint_format(convert: Callable[[dict[str, Any]], dict[str, torch.Tensor]], *,
-                       detect: Callable[[dict[str, Any]], bool], mean: tuple[float, ...],
-                       std: tuple[float, ...], models: tuple[str, ...], summary: str
+                       detect: Callable[[dict[str, Any]], bool],
+                       mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
+                       models: tuple[str, ...], summary: str
                        ) -> CheckpointFormat:
     """The registry entry of a decorated `convert` function."""
     return CheckpointFormat(detect, convert, mean, std, models, summary)
@@ -76,6 +82,42 @@ def _akamaster_convert(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict")
+
+
+def _tensors(obj: Any) -> dict[str, torch.Tensor] | None:
+    """`obj` when it is a non-empty dict of tensors with string keys, else None."""
+    if isinstance(obj, dict) and obj and all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        return obj
+    return None
+
+
+def _plain_state(raw: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The state dict of an oodbench `Classifier` in `raw` (every key under `backbone.` or
+    `head.`, after any `module.` prefix), else None: other dicts of tensors stay unknown."""
+    found = _tensors(raw)
+    for key in STATE_DICT_WRAPPERS:
+        found = found or _tensors(raw.get(key))
+    if found is None:
+        return None
+    names = [k.removeprefix("module.") for k in found]
+    return found if all(n.startswith(("backbone.", "head.")) for n in names) else None
+
+
+@CHECKPOINT_FORMATS.register(
+    "state-dict", detect=lambda raw: _plain_state(raw) is not None, mean=None, std=None,
+    models=(), summary="a registered model's plain state_dict (optionally under "
+    "\"state_dict\" / \"model\", keys optionally prefixed `module.`), input normalised as "
+    "the benchmark's dataset")
+def _state_dict_convert(raw: dict[str, Any]) -> dict[str, torch.Tensor]:
+    state = _plain_state(raw)
+    assert state is not None
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return dict(state)
+
+
 def read_foreign_checkpoint(path: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """(format name, converted state dict, metadata) of a checkpoint file of a known format."""
     try:
@@ -90,7 +132,8 @@ def read_foreign_checkpoint(path: Path) -> tuple[str, dict[str, torch.Tensor], d
     for name, fmt in CHECKPOINT_FORMATS.items():
         if fmt.detect(raw):
             meta = {k: float(v) for k, v in raw.items()
-                    if k != "state_dict" and isinstance(v, (int, float))}
+                    if k != "state_dict" and isinstance(v, (int, float))
+                    and not isinstance(v, bool)}
             return name, fmt.convert(raw), meta
     raise OodbenchError(f"{path} is not a checkpoint of a known format",
                         f"known formats: {', '.join(CHECKPOINT_FORMATS.names())}")
