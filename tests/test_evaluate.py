@@ -16,10 +16,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 import oodbench
+from oodbench.api import EvaluationReport, to_image_set
 from oodbench.cli import app
 from oodbench.data import DATASETS, DataContext
 from oodbench.errors import OodbenchError
-from oodbench.evaluate import EvaluationReport, to_image_set
 from oodbench.models import HookedClassifier, build_classifier
 
 REPO = Path(__file__).resolve().parent.parent

@@ -44,8 +44,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-import types
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -482,14 +480,3 @@ def replace_classes(info: DatasetInfo, num_classes: int) -> DatasetInfo:
     from dataclasses import replace
 
     return replace(info, num_classes=num_classes)
-
-
-class _CallableModule(types.ModuleType):
-    """`oodbench.evaluate` names both this module and the function: once the module has been
-    imported, `oodbench.evaluate(...)` still calls the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> EvaluationReport:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
