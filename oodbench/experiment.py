@@ -6,6 +6,7 @@ which config.py, below the registries, cannot do."""
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -114,6 +115,52 @@ def load_ood(cfg: RunConfig, ood: OODSet, ctx: DataContext) -> tuple[ImageSet, I
             )
         transform = transform.adapted(like.image_size, like.channels)
     return data, transform
+
+
+def load_outliers(cfg: RunConfig, ctx: DataContext) -> ImageSet:
+    """The benchmark's auxiliary outlier set (Outlier Exposure, energy-ft), as uint8 images of
+    the model's input shape (adapted once here when `adapt: true`, so training treats them like
+    the training set), after checking that it shares no image with any OOD test set or the
+    in-distribution test split: training on a test image would inflate every score."""
+    o = cfg.benchmark.outliers
+    if o is None:
+        raise OodbenchError(
+            f"loss {cfg.loss!r} trains with auxiliary outliers, but benchmark "
+            f"{cfg.benchmark.name!r} names none",
+            "add e.g. `outliers: {dataset: blobs, split: train}` to the benchmark (a set "
+            "disjoint from every OOD test set)")
+    data, transform = load_ood(cfg, OODSet(o.dataset, name="outliers", split=o.split,
+                                           adapt=o.adapt), ctx)
+    tests = [(f"OOD test set {t.name!r}", load_ood(cfg, t, ctx)[0]) for t in cfg.benchmark.ood]
+    tests.append((f"in-distribution test split ({cfg.benchmark.dataset})",
+                  load_in_distribution(cfg, "test", ctx)))
+    check_outliers_disjoint(f"{o.dataset} ({o.split})", data, tests)
+    images = data.images
+    if transform.size is not None or transform.channels is not None:
+        images = torch.cat([(transform.adapt(images[s:s + 4096].float() / 255.0) * 255.0)
+                            .round().clamp(0, 255).to(torch.uint8)
+                            for s in range(0, len(data), 4096)])
+    return ImageSet(f"outliers-{data.name}", images, torch.full((len(data),), -1), data.info)
+
+
+def image_hashes(data: ImageSet) -> set[bytes]:
+    """One content hash per image (its raw uint8 pixels), as `scoring.check_disjoint` does."""
+    rows = data.images.reshape(len(data), -1).cpu().numpy()
+    return {hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows}
+
+
+def check_outliers_disjoint(label: str, outliers: ImageSet,
+                            tests: list[tuple[str, ImageSet]]) -> None:
+    """Refuse auxiliary outliers that share an image (by content) with a set scored later."""
+    mine = image_hashes(outliers)
+    for name, t in tests:
+        shared = len(mine & image_hashes(t))
+        if shared:
+            raise OodbenchError(
+                f"auxiliary outlier set {label} shares {shared} image(s) with the {name} "
+                "(compared by content); training on them would leak test data",
+                "name an outlier set disjoint from every test set in the benchmark's "
+                "`outliers:` (another dataset or split, e.g. `outliers: {dataset: blobs}`)")
 
 
 def check_benchmark_sets(cfg: RunConfig, ctx: DataContext) -> None:
