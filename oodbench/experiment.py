@@ -140,7 +140,7 @@ def load_outliers(cfg: RunConfig, ctx: DataContext) -> ImageSet:
         images = torch.cat([(transform.adapt(images[s:s + 4096].float() / 255.0) * 255.0)
                             .round().clamp(0, 255).to(torch.uint8)
                             for s in range(0, len(data), 4096)])
-    return ImageSet(f"outliers-{data.name}", images, torch.full((len(data),), -1), data.info)
+    return ImageSet(f"outliers-{o.dataset}", images, torch.full((len(data),), -1), data.info)
 
 
 def image_hashes(data: ImageSet) -> set[bytes]:
