@@ -342,6 +342,22 @@ class OODSet:
             self.name = default_ood_name(self.dataset)
 
 
+@dataclass
+class OutlierSet:
+    """The auxiliary outliers of losses trained with them (Outlier Exposure, energy-ft): a
+    dataset split, shaped like the model's input (or `adapt: true`), and the outlier batch
+    size as a `ratio` of the in-distribution batch size. Must share no image with any OOD test
+    set (checked by content before training)."""
+
+    dataset: str
+    split: str = "train"
+    adapt: bool = False
+    ratio: float = 1.0
+
+    RANGES: ClassVar[dict[str, Range]] = {"ratio": POSITIVE}
+    NON_EMPTY: ClassVar[tuple[str, ...]] = ("dataset",)
+
+
 def _in_distribution(raw: Any, source: str, prefix: str) -> dict[str, Any]:
     """`in_distribution: NAME` or `{dataset: NAME, classes: [...]}` → dataset / classes."""
     where = _join(prefix, "in_distribution")
@@ -433,6 +449,9 @@ class BenchmarkConfig:
     # {mean: [...], std: [...]} replacing the dataset's input normalisation (pretrained weights)
     normalization: dict[str, list[float]] | None = None
     shift: ShiftConfig | None = None  # corrupted in-distribution test sets (covariate shift)
+    # auxiliary outliers, `outliers: NAME` or {dataset, split, adapt, ratio}; only losses that
+    # train with outliers (oe, energy-ft) load them
+    outliers: OutlierSet | None = None
 
     RANGES: ClassVar[dict[str, Range]] = {"classes": NON_NEGATIVE, "seeds": NON_NEGATIVE}
     NON_EMPTY: ClassVar[tuple[str, ...]] = ("classes", "seeds", "losses", "detectors",
@@ -479,7 +498,8 @@ class BenchmarkConfig:
         registries (that is `oodbench.experiment.check_benchmark`, run wherever a benchmark is
         loaded for use)."""
         where_ind = _join(prefix, "in_distribution")
-        check_fields(self, prefix, source, skip=("train", "ood", "shift"))
+        check_fields(self, prefix, source, skip=("train", "ood", "shift", "outliers"))
+        self._check_outliers(source, prefix)
         if not isinstance(self.train, TrainConfig):
             _fail(source, _join(prefix, "train"), "must be a mapping of training options",
                   "write e.g. `train: {epochs: 30}`")
@@ -502,6 +522,21 @@ class BenchmarkConfig:
             _fail(source, _join(prefix, "ood"), f"OOD set names repeat: {repeated}",
                   "give each OOD entry a distinct `name:` (an entry without `name` is named "
                   "after its dataset)")
+
+    def _check_outliers(self, source: str, prefix: str) -> None:
+        """`outliers: NAME` or a mapping of OutlierSet fields, built and checked in place."""
+        where, raw = _join(prefix, "outliers"), self.outliers
+        if raw is None or isinstance(raw, OutlierSet):
+            pass
+        elif isinstance(raw, str):
+            self.outliers = OutlierSet(raw)
+        elif isinstance(raw, dict):
+            self.outliers = build(OutlierSet, raw, where, source)
+        else:
+            _fail(source, where, f"must be a dataset name or a mapping, got {_shown(raw)}",
+                  "write e.g. `outliers: {dataset: blobs, split: train}`")
+        if self.outliers is not None:
+            check_fields(self.outliers, where, source)
 
     def _check_normalization(self, source: str, prefix: str) -> None:
         norm = self.normalization

@@ -50,6 +50,8 @@ def check_benchmark(bench: BenchmarkConfig, source: str = "<benchmark>") -> Benc
                                 "of the corrupted test sets", "give the entry another `name`")
     if bench.shift is not None:
         check_corruption_names(bench.shift.corruptions, "shift.corruptions")
+    if bench.outliers is not None:
+        get_dataset(bench.outliers.dataset)
     return bench
 
 
@@ -137,6 +139,46 @@ def load_shifted(cfg: RunConfig, corruption: str, severity: int, ctx: DataContex
     return data, InputTransform.for_model(in_distribution_info(cfg))
 
 
+def load_outliers(cfg: RunConfig, ctx: DataContext) -> ImageSet:
+    """The benchmark's auxiliary outlier set (Outlier Exposure, energy-ft), as uint8 images of
+    the model's input shape (adapted once here when `adapt: true`, so training treats them like
+    the training set), after checking that it shares no image with any OOD test set or the
+    in-distribution test split: training on a test image would inflate every score."""
+    o = cfg.benchmark.outliers
+    if o is None:
+        raise OodbenchError(
+            f"loss {cfg.loss!r} trains with auxiliary outliers, but benchmark "
+            f"{cfg.benchmark.name!r} names none",
+            "add e.g. `outliers: {dataset: blobs, split: train}` to the benchmark (a set "
+            "disjoint from every OOD test set)")
+    data, transform = load_ood(cfg, OODSet(o.dataset, name="outliers", split=o.split,
+                                           adapt=o.adapt), ctx)
+    tests = [(f"OOD test set {t.name!r}", load_ood(cfg, t, ctx)[0]) for t in cfg.benchmark.ood]
+    tests.append((f"in-distribution test split ({cfg.benchmark.dataset})",
+                  load_in_distribution(cfg, "test", ctx)))
+    check_outliers_disjoint(f"{o.dataset} ({o.split})", data, tests)
+    images = data.images
+    if transform.size is not None or transform.channels is not None:
+        images = torch.cat([(transform.adapt(images[s:s + 4096].float() / 255.0) * 255.0)
+                            .round().clamp(0, 255).to(torch.uint8)
+                            for s in range(0, len(data), 4096)])
+    return ImageSet(f"outliers-{o.dataset}", images, torch.full((len(data),), -1), data.info)
+
+
+def check_outliers_disjoint(label: str, outliers: ImageSet,
+                            tests: list[tuple[str, ImageSet]]) -> None:
+    """Refuse auxiliary outliers that share an image (by content) with a set scored later."""
+    mine = outliers.image_hashes()
+    for name, t in tests:
+        shared = len(mine & t.image_hashes())
+        if shared:
+            raise OodbenchError(
+                f"auxiliary outlier set {label} shares {shared} image(s) with the {name} "
+                "(compared by content); training on them would leak test data",
+                "name an outlier set disjoint from every test set in the benchmark's "
+                "`outliers:` (another dataset or split, e.g. `outliers: {dataset: blobs}`)")
+
+
 def check_benchmark_sets(cfg: RunConfig, ctx: DataContext) -> None:
     """Load every set the run will train on or score (in-distribution train / val / test and
     each OOD entry, exactly as training and scoring load them) and check its shape, raising
@@ -164,6 +206,8 @@ def check_benchmark_sets(cfg: RunConfig, ctx: DataContext) -> None:
         for o in bench.ood:
             attempt(f"OOD set {o.name!r}" + (f" ({o.dataset})" if o.name != o.dataset else ""),
                     lambda o=o: load_ood(cfg, o, ctx))
+        if getattr(LOSSES.get(cfg.loss).criterion, "needs_outliers", False):
+            attempt("auxiliary outliers", lambda: load_outliers(cfg, ctx))  # disjoint too
     if problems:
         raise _data_problems(bench.name, list(problems.values()))
 
@@ -220,6 +264,8 @@ def with_absolute_folders(bench: BenchmarkConfig, base: Path | None = None) -> B
     out.dataset = absolute_dataset_name(out.dataset, base)
     for o in out.ood:
         o.dataset = absolute_dataset_name(o.dataset, base)
+    if out.outliers is not None:
+        out.outliers.dataset = absolute_dataset_name(out.outliers.dataset, base)
     return out
 
 

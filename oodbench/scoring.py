@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -267,16 +266,11 @@ def load_ood_validation(cfg: RunConfig, dataset: str, ctx: DataContext,
     return EvalSet(data.to(device), tf, "ood-validation")
 
 
-def _row_hashes(data: ImageSet) -> set[bytes]:
-    rows = data.images.reshape(len(data), -1).cpu().numpy()
-    return {hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows}
-
-
 def check_disjoint(val: EvalSet, tests: list[EvalSet]) -> None:
     """Refuse OOD validation data that shares an image (by content) with any test set."""
-    mine = _row_hashes(val.data)
+    mine = val.data.image_hashes()
     for t in tests:
-        shared = len(mine & _row_hashes(t.data))
+        shared = len(mine & t.data.image_hashes())
         if shared:
             raise OodbenchError(
                 f"OOD validation set {val.name!r} shares {shared} image(s) with the test set "

@@ -10,6 +10,13 @@ function of the global step, so there is no scheduler state to restore.
 
 The loss is `criterion.training_loss(model.forward_all(x, aux=criterion.aux), targets)` (see
 oodbench.losses.base), so losses that need more than the logits plug in without trainer changes.
+Losses with `needs_outliers` (Outlier Exposure, energy-ft) also get the benchmark's auxiliary
+outlier set, loaded once onto the device (`experiment.load_outliers`, which refuses a set that
+shares an image with a test set); each step appends `ratio` × batch-size outliers, drawn without
+replacement by a generator seeded from (seed, epoch, step) and augmented like the batch, with
+target -1, so a resume replays them too. Other losses never load it and draw the same numbers as
+before.
+
 On CUDA the loop uses mixed precision (bfloat16 autocast; float16 + loss scaling where bf16 is
 unsupported) and channels_last memory layout; on CPU/MPS it runs in float32, bit-reproducibly.
 """
@@ -27,12 +34,18 @@ import torch
 from oodbench.config import RunConfig, TrainConfig
 from oodbench.data import DataContext, ImageSet, InputTransform, augment
 from oodbench.errors import OodbenchError
-from oodbench.experiment import build_model, in_distribution_info, load_in_distribution
-from oodbench.losses import LOSSES, Criterion
+from oodbench.experiment import (
+    build_model,
+    in_distribution_info,
+    load_in_distribution,
+    load_outliers,
+)
+from oodbench.losses import LOSSES, OUTLIER_TARGET, Criterion
 from oodbench.progress import EpochStats, StepReporter
 from oodbench.runs import Run, load_weights
 
 MAX_STEP_SEED = 2**62
+OUTLIER_SEED_SALT = 0x0E0E0E0E  # separates the outlier draw's seed from the step's
 
 
 def step_seed(seed: int, epoch: int, step: int = -1) -> int:
@@ -87,10 +100,11 @@ def _checkpoint(model, optimizer, epoch: int, step: int, history: list[dict[str,
 
 
 def clean_rows(targets: torch.Tensor) -> torch.Tensor:
-    """Mask of rows with one hard class: all of (B,), or rows of (B, 4) quadrant classes that
-    agree (DisMax's clean half); training accuracy is counted on those only."""
+    """Mask of rows with one hard class: all of (B,) but auxiliary outliers (target -1), or
+    rows of (B, 4) quadrant classes that agree (DisMax's clean half); training accuracy is
+    counted on those only."""
     if targets.dim() == 1:
-        return torch.ones_like(targets, dtype=torch.bool)
+        return targets != OUTLIER_TARGET
     return (targets == targets[:, :1]).all(dim=1)
 
 
@@ -125,6 +139,8 @@ class _Trainer:
         if self.amp_dtype is not None:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = make_criterion(self.cfg).to(device)
+        self.outliers = (load_outliers(self.cfg, ctx).to(device)
+                         if self.criterion.needs_outliers else None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=t.lr, momentum=t.momentum,
                                          nesterov=t.nesterov, weight_decay=t.weight_decay)
@@ -132,6 +148,8 @@ class _Trainer:
         self.bs = min(t.batch_size, self.n)
         # drop the ragged last batch: BatchNorm needs real batches
         self.steps_per_epoch = max(1, self.n // self.bs)
+        ratio = self.cfg.benchmark.outliers.ratio if self.outliers is not None else 0.0
+        self.outlier_bs = max(1, round(self.bs * ratio))
         self.epoch, self.step, self.history = 0, 0, []
         self.partial: dict[str, Any] = {"loss_sum": 0.0, "correct": 0.0, "seen": 0}
 
@@ -163,6 +181,8 @@ class _Trainer:
         idx = perm[self.step * self.bs:(self.step + 1) * self.bs]
         x = augment(self.train_set.images[idx], t.crop_padding, t.flip)
         x, targets = self.criterion.preprocess(self.transform(x), self.train_set.labels[idx])
+        if self.outliers is not None:
+            x, targets = self.with_outliers(x, targets)
         if self.amp_dtype is not None:
             x = x.contiguous(memory_format=torch.channels_last)
         for group in self.optimizer.param_groups:
@@ -181,6 +201,19 @@ class _Trainer:
         self.scaler.update()
         self.step += 1
         return loss, out, targets, len(idx)
+
+    def with_outliers(self, x: torch.Tensor, targets: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch with this step's auxiliary outliers appended (target -1). The draw has its
+        own generator seeded from the step; the augmentation uses the reseeded global RNG after
+        the batch's own, so both replay exactly after a resume."""
+        assert self.outliers is not None
+        g = torch.Generator().manual_seed(
+            (step_seed(self.cfg.seed, self.epoch, self.step) + OUTLIER_SEED_SALT) % MAX_STEP_SEED)
+        idx = torch.randperm(len(self.outliers), generator=g)[:self.outlier_bs].to(self.device)
+        xo = self.transform(augment(self.outliers.images[idx], self.t.crop_padding, self.t.flip))
+        yo = torch.full((len(idx),), OUTLIER_TARGET, dtype=targets.dtype, device=targets.device)
+        return torch.cat([x, xo.to(x.dtype)]), torch.cat([targets, yo])
 
     def run_epoch(self, reporter: StepReporter, after_step: Callable[[], None]) -> EpochStats:
         """The rest of the current epoch (from a mid-epoch position after a resume)."""
@@ -253,7 +286,10 @@ def train(run: Run, ctx: DataContext, device: torch.device,
     except KeyboardInterrupt:
         tr.save()
         raise
-    write_manifest(run, device, {"train": tr.train_set, "val": tr.val_set}, tr.history)
+    sets = {"train": tr.train_set, "val": tr.val_set}
+    if tr.outliers is not None:
+        sets["outliers"] = tr.outliers
+    write_manifest(run, device, sets, tr.history)
     return tr.history
 
 

@@ -24,7 +24,8 @@ ALL_LOSSES = LOSSES.names()
 
 
 def test_registry_holds_every_loss() -> None:
-    assert set(ALL_LOSSES) == {"softmax", "isomax", "isomaxplus", "dismax", "logsoftmax-resnet"}
+    assert set(ALL_LOSSES) == {"softmax", "isomax", "isomaxplus", "dismax", "logsoftmax-resnet",
+                               "logitnorm", "t2fnorm", "oe", "energy-ft"}
 
 
 def test_softmax_is_cross_entropy() -> None:

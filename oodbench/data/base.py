@@ -76,6 +76,12 @@ class ImageSet:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
+    def image_hashes(self) -> set[bytes]:
+        """One content hash per image (its raw uint8 pixels): what "disjoint" means when a
+        validation or auxiliary set is checked against the test sets."""
+        rows = self.images.reshape(len(self), -1).cpu().numpy()
+        return {hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows}
+
     def subset(self, index: torch.Tensor, name: str | None = None) -> ImageSet:
         return ImageSet(name or self.name, self.images[index], self.labels[index], self.info)
 

@@ -1,6 +1,12 @@
-"""Loss registry. Importing this registers every loss."""
+from oodbench.losses import (  # noqa: F401  (registers)
+    dismax,
+    isomax,
+    logitnorm,
+    logsoftmax_resnet,
+    outliers,
+    softmax,
+    t2fnorm,
+)
+from oodbench.losses.base import LOSSES, OUTLIER_TARGET, Criterion, LossSpec
 
-from oodbench.losses import dismax, isomax, logsoftmax_resnet, softmax  # noqa: F401  (registers)
-from oodbench.losses.base import LOSSES, Criterion, LossSpec
-
-__all__ = ["LOSSES", "Criterion", "LossSpec"]
+__all__ = ["LOSSES", "OUTLIER_TARGET", "Criterion", "LossSpec"]

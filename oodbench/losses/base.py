@@ -12,6 +12,13 @@ activation) declare what they need in `criterion.aux` and implement `training_lo
     loss = criterion.training_loss(out, targets)
 
 The trainer always uses this second form; for losses without auxiliary needs it equals the first.
+
+Losses trained with auxiliary outliers (Outlier Exposure, energy regularisation) set
+`needs_outliers`: the trainer then appends a batch of the benchmark's `outliers` set to every
+in-distribution batch, with target `OUTLIER_TARGET` (-1) on those rows, so plain PyTorch use is
+
+    x = torch.cat([inputs, outlier_inputs]); y = torch.cat([targets, torch.full((k,), -1)])
+    loss = criterion(head(backbone(x)), y)
 `LOSSES` maps a name to its `LossSpec`; adding a loss is one module whose criterion class is
 decorated `@LOSSES.register("name", head=..., summary=...)`.
 
@@ -64,6 +71,7 @@ class OptionRange:
 
 
 NON_NEGATIVE, POSITIVE = OptionRange(0.0), OptionRange(0.0, low_open=True)
+OUTLIER_TARGET = -1  # the target of an auxiliary-outlier row (losses with `needs_outliers`)
 _DECIMAL = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _TYPE_WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
 
@@ -76,6 +84,7 @@ class Criterion(nn.Module):
 
     aux: tuple[str, ...] = ()  # auxiliary model outputs `training_loss` needs (ModelOutput.aux)
     max_grad_norm: float | None = None  # gradient-norm clipping the loss needs to train stably
+    needs_outliers: bool = False  # trains on appended auxiliary-outlier rows (OUTLIER_TARGET)
     option_ranges: ClassVar[dict[str, OptionRange]] = {}
     loss_names: ClassVar[tuple[str, ...]] = ()  # the registered names using this class
 
