@@ -206,7 +206,7 @@ def check_benchmark_sets(cfg: RunConfig, ctx: DataContext) -> None:
         for o in bench.ood:
             attempt(f"OOD set {o.name!r}" + (f" ({o.dataset})" if o.name != o.dataset else ""),
                     lambda o=o: load_ood(cfg, o, ctx))
-        if getattr(LOSSES.get(cfg.loss).criterion, "needs_outliers", False):
+        if LOSSES.get(cfg.loss).criterion.needs_outliers:
             attempt("auxiliary outliers", lambda: load_outliers(cfg, ctx))  # disjoint too
     if problems:
         raise _data_problems(bench.name, list(problems.values()))
