@@ -248,9 +248,11 @@ def timed_score(run: Run, sets: SetBundle, batch: int, cache: Path) -> dict[str,
     scores = score_sets(lr, p, results)
     end = time.perf_counter()
     fit_own = sum(v for d in setup.seconds.values() for v in d.values())
+    slowest = sorted(scores, key=lambda n: -scores[n].seconds)[:3]
     return {"total": end - tic, "fit phase": fit_done - tic, "fits_own": fit_own,
             "eval forward": forward_done - fit_done, "detectors": end - forward_done,
-            "n": len(scores), "refused": len(p.not_applicable)}
+            "n": len(scores), "refused": len(p.not_applicable),
+            "slowest": {n: scores[n].seconds for n in slowest}}
 
 
 def all_gradient_free(a: argparse.Namespace) -> None:
@@ -272,8 +274,8 @@ def all_gradient_free(a: argparse.Namespace) -> None:
     print(f"model/data: {what} vs {ood}; {len(sets.test.data)} test + {len(sets.ood[0].data)} "
           f"OOD, {len(sets.train.data)} train, {len(sets.val.data)} val; batch {a.batch_size}; "
           f"{cold['n']} gradient-free detectors ({cold['refused']} refused)")
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in cold.items() if k not in ("total", "n",
-                                                                             "refused"))
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in cold.items()
+                      if k not in ("total", "n", "refused", "slowest"))
     print(f"  cold score {cold['total']:.2f} s  ({parts})")
     print(f"  plain forward: evaluated sets {plain_eval:.2f} s, train + val {plain_fit:.2f} s")
     print(f"cold / (plain forwards + fits' own): {cold['total'] / floor:.3f}×  (target ≤ 1.25×)")
@@ -281,6 +283,10 @@ def all_gradient_free(a: argparse.Namespace) -> None:
     print(f"warm score {warm['total']:.2f} s, of which the fits' own {warm['fits_own']:.2f} s; "
           f"the rest ({scoring:.2f} s) / a cold plain forward of the evaluated sets: "
           f"{scoring / plain_eval:.1%}  (target ≤ 5 %)")
+    slow = sum(warm["slowest"].values())
+    print("  slowest detectors (warm): " + ", ".join(f"{n} {v:.2f} s"
+                                                   for n, v in warm["slowest"].items())
+          + f"; all others together: {(warm['detectors'] - slow) / plain_eval:.1%} of it")
 
 
 if __name__ == "__main__":

@@ -211,11 +211,8 @@ def selective_tables(g: dict[str, Any], metrics: tuple[str, ...]) -> list[TableM
             if ms:
                 values.append([ms.get(m) for m in metrics])
                 t.add([loss, label, *[fmt(v) for v in values[-1]]])
-    for r in g["rows"]:
-        ms = r.get("selective", {}).get("in_distribution")
-        if ms:
-            values.append([ms.get(m) for m in metrics])
-            t.add([r["loss"], r["detector"], *[fmt(v) for v in values[-1]]])
+    _add_selective_rows(t, values, g["rows"], metrics,
+                        lambda r: r.get("selective", {}).get("in_distribution"))
     if t.rows:
         _emphasise_best(t, values, metrics, 2)
         out.append(t)
@@ -226,15 +223,22 @@ def selective_tables(g: dict[str, Any], metrics: tuple[str, ...]) -> list[TableM
                            "every accepted OOD sample counted as an error; per set in "
                            "report.json / .csv; best per column emphasised", right_from=2)
     values = []
-    for r in g["rows"]:
-        ms = r.get("selective", {}).get("with_ood_means", {}).get("all")
-        if ms:
-            values.append([ms.get(m) for m in metrics])
-            t.add([r["loss"], r["detector"], *[fmt(v) for v in values[-1]]])
+    _add_selective_rows(t, values, g["rows"], metrics,
+                        lambda r: r.get("selective", {}).get("with_ood_means", {}).get("all"))
     if t.rows:
         _emphasise_best(t, values, metrics, 2)
         out.append(t)
     return out
+
+
+def _add_selective_rows(t: TableModel, values: list[list[Any]], rows: list[dict[str, Any]],
+                        metrics: tuple[str, ...], pick: Any) -> None:
+    """One table row per report row that has the picked selective cells."""
+    for r in rows:
+        ms = pick(r)
+        if ms:
+            values.append([ms.get(m) for m in metrics])
+            t.add([r["loss"], r["detector"], *[fmt(v) for v in values[-1]]])
 
 
 def paper_tables(rep: dict[str, Any], metrics: tuple[str, ...] = PAPER_METRICS,

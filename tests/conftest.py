@@ -43,3 +43,33 @@ def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test runs in its own folder, so default runs/ and data/cache never leak."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OODBENCH_CACHE", str(tmp_path / "cache"))
+
+
+def make_digits_run(root: Path, train: bool = True):
+    """A digits softmax run folder; with `train`, two quick Adam epochs on the train split and a
+    finished checkpoint (the detectors' and pipeline's inputs matter in these tests, not the
+    training loop)."""
+    import torch
+    import torch.nn.functional as F
+
+    from oodbench.config import RunConfig, load_benchmark
+    from oodbench.data import DataContext, InputTransform
+    from oodbench.experiment import build_model, load_in_distribution
+    from oodbench.runs import Run
+
+    torch.manual_seed(0)
+    cfg = RunConfig(load_benchmark("digits"), "softmax", 0, {})
+    run = Run.create(root, cfg)
+    if train:
+        data = load_in_distribution(cfg, "train", DataContext.resolve(root.parent / "data"))
+        tf = InputTransform.for_model(data.info)
+        model = build_model(cfg)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        x, y = tf(data.images), data.labels
+        for _ in range(2):
+            for i in range(0, len(y), 64):
+                opt.zero_grad()
+                F.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+                opt.step()
+        torch.save({"model": model.eval().state_dict(), "finished": True}, run.checkpoint_path)
+    return run

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import make_digits_run
 
 from oodbench.config import RunConfig, load_benchmark
 from oodbench.data import DataContext, InputTransform
@@ -33,23 +33,7 @@ def _one_thread():
 
 @pytest.fixture
 def digits_run(tmp_path) -> Run:
-    """A digits softmax run trained for two quick Adam epochs (the detectors' inputs matter
-    here, not the training loop)."""
-    torch.manual_seed(0)
-    cfg = RunConfig(load_benchmark("digits"), "softmax", 0, {})
-    run = Run.create(tmp_path / "runs" / "r", cfg)
-    train = load_in_distribution(cfg, "train", DataContext.resolve(tmp_path / "data"))
-    tf = InputTransform.for_model(train.info)
-    model = build_model(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = tf(train.images), train.labels
-    for _ in range(2):
-        for i in range(0, len(y), 64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
-            opt.step()
-    torch.save({"model": model.eval().state_dict(), "finished": True}, run.checkpoint_path)
-    return run
+    return make_digits_run(tmp_path / "runs" / "r")
 
 
 def _row_hashes(images: torch.Tensor) -> set[str]:

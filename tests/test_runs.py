@@ -12,14 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import make_digits_run
 from typer.testing import CliRunner
 
 from oodbench.cli import app
-from oodbench.config import RunConfig, load_benchmark
-from oodbench.data import DataContext, InputTransform
 from oodbench.errors import OodbenchError
-from oodbench.experiment import build_model, load_in_distribution
 from oodbench.io import locked, temp_tag
 from oodbench.models import build_classifier
 from oodbench.runs import Run, WeightsMismatch, load_checkpoint, load_weights
@@ -29,24 +26,7 @@ runner = CliRunner()
 
 
 def digits_run(root: Path, train: bool = False) -> Run:
-    """A digits softmax run folder; with `train`, two quick Adam epochs and a finished
-    checkpoint (as in tests/test_pipeline.py)."""
-    torch.manual_seed(0)
-    cfg = RunConfig(load_benchmark("digits"), "softmax", 0, {})
-    run = Run.create(root / "run", cfg)
-    if train:
-        data = load_in_distribution(cfg, "train", DataContext.resolve(root / "data"))
-        tf = InputTransform.for_model(data.info)
-        model = build_model(cfg)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        x, y = tf(data.images), data.labels
-        for _ in range(2):
-            for i in range(0, len(y), 64):
-                opt.zero_grad()
-                F.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
-                opt.step()
-        torch.save({"model": model.eval().state_dict(), "finished": True}, run.checkpoint_path)
-    return run
+    return make_digits_run(root / "run", train)
 
 
 SD = {"w": torch.zeros(2)}
