@@ -383,65 +383,21 @@ def evaluate(model: nn.Module, in_test: Any, ood_sets: Mapping[str, Any], train:
     --oracle; `temperature` divides the logits of probability-based scores. `train` is needed
     by detectors that fit (knn, mahalanobis, vim...), `val` by detectors that select. The
     model is moved to `device` and put in eval mode while scoring (its mode is restored)."""
-    if not ood_sets:
-        raise OodbenchError("no OOD set given", "pass ood_sets={\"name\": data, ...}")
-    if selection == "ood":
-        raise OodbenchError("selection=\"ood\" needs an OOD validation set, which evaluate "
-                            "does not take", "use selection=\"id\" or \"fgsm\"")
-    if batch_size is not None and batch_size < 1:
-        raise OodbenchError(f"batch_size must be >= 1, got {batch_size}")
+    _check_arguments(ood_sets, selection, batch_size)
     dev = torch.device(device)
     test = to_image_set(in_test, in_name, labelled=True)
-    channels, size = test.shape[0], test.shape[1]
-    mean_, std_ = _normalisation(mean, std, channels)
+    mean_, std_ = _normalisation(mean, std, test.shape[0])
     tf = InputTransform(mean_, std_)
-
     adapter = _adapter(model, feature_layer, block_layers)
     was_training = model.training
     adapter.to(dev).eval()
     try:
-        with torch.no_grad():
-            probe = tf(test.images[:PROBE].to(dev))
-            logits = (adapter.check(probe) if isinstance(adapter, HookedClassifier)
-                      else adapter.forward_all(probe)).logits
-        info = DatasetInfo(channels, size, int(logits.shape[1]), (), mean_, std_)
-        if int(test.labels.max()) >= info.num_classes:
-            raise OodbenchError(f"in_test has label {int(test.labels.max())} but the model "
-                                f"gives {info.num_classes} logits", "check the labels")
-        test = ImageSet(in_name, test.images, test.labels, info)
-        ood: dict[str, ImageSet] = {}
-        for o, data in ood_sets.items():
-            if o == in_name:
-                raise OodbenchError(f"OOD set {o!r} has the in-distribution set's name",
-                                    "rename it, or pass in_name=")
-            ood[o] = _ood_set(data, o, replace_classes(info, 0), data_root)
-            if ood[o].shape != test.shape:
-                raise OodbenchError(f"OOD set {o!r} is {'×'.join(map(str, ood[o].shape))} but "
-                                    f"in_test is {'×'.join(map(str, test.shape))}",
-                                    "resize / convert it to the model's input shape first")
-        unknown = [n for n in near if n not in ood]
-        if unknown:
-            raise OodbenchError(f"near={unknown} names no OOD set", f"use of: {list(ood)}")
+        test, info = _probe(adapter, test, tf, in_name, dev)
+        ood = _ood_sets(ood_sets, in_name, info, test, data_root, near)
         dets = build_detectors(list(detectors), params, selection, oracle=oracle is not None)
         _check_blocks(dets, adapter.block_names)
         p = plan(dets, tuple(adapter.block_names), temperature, False, None, oracle)
-        splits = {"train": train, "val": val}
-        loaded = {s: None if d is None or not (p.fitting if s == "train" else p.selecting)
-                  else to_image_set(d, in_name, labelled=True, info=info)
-                  for s, d in splits.items()}
-        for s, d in loaded.items():
-            if d is not None and d.shape != test.shape:
-                raise OodbenchError(f"{s} images are {d.shape}, in_test's {test.shape}",
-                                    "give the splits one image shape")
-        _needs(p, loaded)
-        sets = SetBundle(EvalSet(test.to(dev), tf, "test"),
-                         [EvalSet(s.to(dev), tf, "ood", "near" if o in near else "far")
-                          for o, s in ood.items()])
-        for s, es in loaded.items():
-            setattr(sets, s, None if es is None else EvalSet(es.to(dev), tf, s))
-        if oracle:
-            sets.ood_set(oracle)
-
+        sets = _bundle(p, test, ood, {"train": train, "val": val}, tf, dev, info, near)
         root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         lr = LoadedRun(adapter, model_digest(adapter), code_digest(adapter), dev,
                        OutputCache(root / "outputs"), batch_size or DEFAULT_BATCH_SIZE)
@@ -450,20 +406,96 @@ def evaluate(model: nn.Module, in_test: Any, ood_sets: Mapping[str, Any], train:
         scores = score_sets(lr, p, results)
     finally:
         model.train(was_training)
-
     label = name or type(model.model if isinstance(model, HookedClassifier) else model).__name__
     bench = BenchmarkConfig(BENCHMARK, in_name, label, [LOSS], list(detectors),
                             [OODSet(dataset=o, group="near" if o in near else "far", name=o)
                              for o in ood])
-    cfg = RunConfig(bench, LOSS, 0)
-    metrics = assemble(cfg, lr, p, sets, results, scores, setup, None)
-    features = (f"input of {adapter.feature_layer}" if getattr(adapter, "features_are_input", 0)
-                else getattr(adapter, "feature_layer", "backbone"))
-    described = {"model": label, "features": features,
+    metrics = assemble(RunConfig(bench, LOSS, 0), lr, p, sets, results, scores, setup, None)
+    described = {"model": label, "features": _features_label(adapter),
                  "head": getattr(adapter, "head_name", "head"),
                  "block_layers": list(adapter.block_names), "mean": list(mean_),
                  "std": list(std_), "detectors": list(detectors), "params": params or {},
                  "selection": selection, "temperature": temperature, "near": list(near)}
+    return _write(metrics, described, lr, results, scores, dev, output_dir, root)
+
+
+def _check_arguments(ood_sets: Mapping[str, Any], selection: str | None,
+                     batch_size: int | None) -> None:
+    if not ood_sets:
+        raise OodbenchError("no OOD set given", "pass ood_sets={\"name\": data, ...}")
+    if selection == "ood":
+        raise OodbenchError("selection=\"ood\" needs an OOD validation set, which evaluate "
+                            "does not take", "use selection=\"id\" or \"fgsm\"")
+    if batch_size is not None and batch_size < 1:
+        raise OodbenchError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _probe(adapter: Any, test: ImageSet, tf: InputTransform, in_name: str,
+           dev: torch.device) -> tuple[ImageSet, DatasetInfo]:
+    """One small batch through the model: its number of classes (and, for a hooked model, a
+    check that the head really produces the logits)."""
+    channels, size = test.shape[0], test.shape[1]
+    with torch.no_grad():
+        probe = tf(test.images[:PROBE].to(dev))
+        logits = (adapter.check(probe) if isinstance(adapter, HookedClassifier)
+                  else adapter.forward_all(probe)).logits
+    info = DatasetInfo(channels, size, int(logits.shape[1]), (), tf.mean, tf.std)
+    if int(test.labels.max()) >= info.num_classes:
+        raise OodbenchError(f"in_test has label {int(test.labels.max())} but the model "
+                            f"gives {info.num_classes} logits", "check the labels")
+    return ImageSet(in_name, test.images, test.labels, info), info
+
+
+def _ood_sets(ood_sets: Mapping[str, Any], in_name: str, info: DatasetInfo, test: ImageSet,
+              data_root: str | Path | None, near: Sequence[str]) -> dict[str, ImageSet]:
+    ood: dict[str, ImageSet] = {}
+    for o, data in ood_sets.items():
+        if o == in_name:
+            raise OodbenchError(f"OOD set {o!r} has the in-distribution set's name",
+                                "rename it, or pass in_name=")
+        ood[o] = _ood_set(data, o, replace_classes(info, 0), data_root)
+        if ood[o].shape != test.shape:
+            raise OodbenchError(f"OOD set {o!r} is {'×'.join(map(str, ood[o].shape))} but "
+                                f"in_test is {'×'.join(map(str, test.shape))}",
+                                "resize / convert it to the model's input shape first")
+    unknown = [n for n in near if n not in ood]
+    if unknown:
+        raise OodbenchError(f"near={unknown} names no OOD set", f"use of: {list(ood)}")
+    return ood
+
+
+def _bundle(p: Any, test: ImageSet, ood: dict[str, ImageSet], splits: dict[str, Any],
+            tf: InputTransform, dev: torch.device, info: DatasetInfo,
+            near: Sequence[str]) -> SetBundle:
+    """The sets on the device; train / val converted only when a detector fits / selects."""
+    loaded = {s: None if d is None or not (p.fitting if s == "train" else p.selecting)
+              else to_image_set(d, test.name, labelled=True, info=info)
+              for s, d in splits.items()}
+    for s, d in loaded.items():
+        if d is not None and d.shape != test.shape:
+            raise OodbenchError(f"{s} images are {d.shape}, in_test's {test.shape}",
+                                "give the splits one image shape")
+    _needs(p, loaded)
+    sets = SetBundle(EvalSet(test.to(dev), tf, "test"),
+                     [EvalSet(s.to(dev), tf, "ood", "near" if o in near else "far")
+                      for o, s in ood.items()])
+    for s, es in loaded.items():
+        setattr(sets, s, None if es is None else EvalSet(es.to(dev), tf, s))
+    if p.oracle:
+        sets.ood_set(p.oracle)
+    return sets
+
+
+def _features_label(adapter: Any) -> str:
+    if getattr(adapter, "features_are_input", 0):
+        return f"input of {adapter.feature_layer}"
+    return getattr(adapter, "feature_layer", "backbone")
+
+
+def _write(metrics: dict[str, Any], described: dict[str, Any], lr: LoadedRun,
+           results: list[Any], scores: dict[str, Any], dev: torch.device,
+           output_dir: str | Path | None, root: Path) -> EvaluationReport:
+    """metrics.json and scores/ in a folder `oodbench report` reads."""
     fingerprints = {r.set.name: r.set.data.fingerprint() for r in results}
     metrics.update(evaluate=described, environment={**environment(), "device": str(dev)},
                    provenance=run_provenance({"evaluate": described, "seed": 0}, fingerprints,

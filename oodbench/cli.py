@@ -107,6 +107,30 @@ BatchSize = Annotated[int | None, typer.Option(metavar="N",
     help="Inference batch size (default: the fastest one, measured once on this device).")]
 
 
+FailUnder = Annotated[list[str] | None, typer.Option(
+    metavar="METRIC[:QUALIFIER]=VALUE",
+    help="Gate METRIC[:QUALIFIER]=VALUE: exit 1 if a selected cell is below VALUE, e.g. "
+         "auroc=0.90, auroc:gaussian=0.95, auroc:msp:mean=0.9, "
+         "misclassification_auroc:msp=0.8 (repeatable).")]
+FailOver = Annotated[list[str] | None, typer.Option(
+    metavar="METRIC[:QUALIFIER]=VALUE",
+    help="Gate METRIC[:QUALIFIER]=VALUE: exit 1 if a selected cell is above VALUE, e.g. "
+         "fpr_at_tpr95=0.30, ece=0.05, cost:odin=3, aurc=0.05 (repeatable).")]
+Significance = Annotated[int, typer.Option(
+    metavar="N",
+    help="Paired-bootstrap replicates over test samples (0 = off; e.g. 1000): mark the rows "
+         "tied with the best per AUROC column (†), and with --compare whether each AUROC Δ is "
+         "significant (95 %).")]
+Forget = Annotated[list[str] | None, typer.Option(
+    metavar="NAME",
+    help="Remove this detector's results from metrics.json and its saved scores, then stop "
+         "(repeatable). Scoring never drops earlier results on its own.")]
+Oracle = Annotated[str | None, typer.Option(
+    metavar="OOD_SET",
+    help="ORACLE: detectors with a hyperparameter grid select on this OOD TEST set (an upper "
+         "bound no deployment can reach; recorded and labelled in the report).")]
+
+
 @command()
 def train(
     benchmark: Annotated[str | None, typer.Option(metavar="NAME|FILE",
@@ -298,15 +322,8 @@ def score(
     ood_validation: Annotated[str | None, typer.Option(metavar="DATASET",
         help="Dataset used as OOD validation data with --selection ood (explicit opt-in); a "
              "split disjoint from every test set is used, checked by image content.")] = None,
-    forget: Annotated[list[str] | None, typer.Option(
-        metavar="NAME",
-        help="Remove this detector's results from metrics.json and its saved scores, then stop "
-             "(repeatable). Scoring never drops earlier results on its own.")] = None,
-    oracle: Annotated[str | None, typer.Option(
-        metavar="OOD_SET",
-        help="ORACLE: detectors with a hyperparameter grid select on this OOD TEST set (an "
-             "upper bound no deployment can reach; recorded and labelled in the report).")
-    ] = None,
+    forget: Forget = None,
+    oracle: Oracle = None,
     runs_root: RunsRoot = Path("runs"),
     benchmark: BenchmarkFilter = None,
     loss: LossFilter = None,
@@ -446,22 +463,15 @@ def report(
     ] = None,
     bootstrap: Annotated[int, typer.Option(metavar="N",
         help="Bootstrap replicates for a 95 % AUROC interval (0 = off; e.g. 1000).")] = 0,
-    fail_under: Annotated[list[str] | None, typer.Option(metavar="METRIC[:QUALIFIER]=VALUE",
-        help="Gate METRIC[:QUALIFIER]=VALUE: exit 1 if a selected cell is below VALUE, e.g. "
-             "auroc=0.90, auroc:gaussian=0.95, auroc:msp:mean=0.9 (repeatable).")] = None,
-    fail_over: Annotated[list[str] | None, typer.Option(metavar="METRIC[:QUALIFIER]=VALUE",
-        help="Gate METRIC[:QUALIFIER]=VALUE: exit 1 if a selected cell is above VALUE, e.g. "
-             "fpr_at_tpr95=0.30, ece=0.05, cost:odin=3 (repeatable).")] = None,
+    fail_under: FailUnder = None,
+    fail_over: FailOver = None,
     output: Annotated[Path | None, typer.Option(
         "--output", metavar="DIR",
         help="Folder for report.json/.md/.csv (default: the first path). No short form: `-o` "
              "is --loss-option in `train`.")
     ] = None,
     write: Annotated[bool, typer.Option(metavar="", help="Write the report files.")] = True,
-    significance: Annotated[int, typer.Option(metavar="N",
-        help="Paired-bootstrap replicates over test samples (0 = off; e.g. 1000): mark the rows "
-             "tied with the best per AUROC column (†), and with --compare whether each AUROC "
-             "Δ is significant (95 %).")] = 0,
+    significance: Significance = 0,
 ) -> None:
     """Compare runs (mean ± std over seeds), write it as JSON, Markdown and CSV, and gate CI.
 

@@ -894,6 +894,28 @@ def columns(group: dict[str, Any]) -> list[str]:
                                   and (both or c == "all")]]
 
 
+def _compared_row(ra: dict[str, Any], rb: dict[str, Any], cells: dict[str, Any],
+                  selective: tuple[str, ...]) -> dict[str, Any]:
+    row = {"loss": ra["loss"], "detector": ra["detector"], "columns": cells}
+    sa = (ra.get("selective") or {}).get("in_distribution", {})
+    sb = (rb.get("selective") or {}).get("in_distribution", {})
+    sel = {k: _delta(sa[k], sb[k]) for k in selective if k in sa and k in sb}
+    if sel:
+        row["selective"] = sel
+    return row
+
+
+def _compared_classification(ga: dict[str, Any], gb: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for loss, ca in ga["classification"].items():
+        cb = gb["classification"].get(loss, {})
+        if "uncalibrated" in ca and "uncalibrated" in cb:
+            out[loss] = {k: _delta(ca["uncalibrated"][k], cb["uncalibrated"][k])
+                         for k in CLASSIFICATION_METRICS
+                         if k in ca["uncalibrated"] and k in cb["uncalibrated"]}
+    return out
+
+
 def compare(a: Report, b: Report, label_a: str, label_b: str, significance: int = 0,
             seed: int = 0) -> dict[str, Any]:
     """Cell-by-cell B − A over the groups, rows and columns both reports have. `significance` >
@@ -928,22 +950,8 @@ def compare(a: Report, b: Report, label_a: str, label_b: str, significance: int 
                             cells[col][k].update(_compare_test(
                                 a, b, key, ra, col, _column_sets(ga, col),
                                 _column_sets(gb, col), significance, seed, scores, problems))
-            row = {"loss": ra["loss"], "detector": ra["detector"], "columns": cells}
-            sa = (ra.get("selective") or {}).get("in_distribution", {})
-            sb = (rb.get("selective") or {}).get("in_distribution", {})
-            sel = {k: _delta(sa[k], sb[k]) for k in a.filters.selective_metrics
-                   if k in sa and k in sb}
-            if sel:
-                row["selective"] = sel
-            rows.append(row)
-        classification = {}
-        for loss, ca in ga["classification"].items():
-            cb = gb["classification"].get(loss, {})
-            if "uncalibrated" in ca and "uncalibrated" in cb:
-                classification[loss] = {
-                    k: _delta(ca["uncalibrated"][k], cb["uncalibrated"][k])
-                    for k in CLASSIFICATION_METRICS
-                    if k in ca["uncalibrated"] and k in cb["uncalibrated"]}
+            rows.append(_compared_row(ra, rb, cells, a.filters.selective_metrics))
+        classification = _compared_classification(ga, gb)
         warnings += [f"{_where(ga)}: some seeds not paired for the significance test ({why}): "
                      f"{_few(cells)}" for why, cells in problems.items()]
         groups.append({"benchmark": ga["benchmark"], "in_distribution": ga["in_distribution"],
