@@ -18,8 +18,8 @@ import torch
 from oodbench.detectors.base import DetectorInput
 
 CHUNK = 4096  # rows of train / test outputs read at a time
-QUERY_CHUNK = 1024  # queries per exact top-k block
-BANK_CHUNK = 8192  # bank rows per exact top-k block (QUERY_CHUNK × BANK_CHUNK float32 = 32 MiB)
+QUERY_CHUNK = 64  # queries per block; 4096 × 45k here: 0.33 s at 64, 0.48 s at 256
+BANK_CHUNK = 65536  # bank rows per block (QUERY_CHUNK × BANK_CHUNK float32 = 16 MiB at most)
 
 
 def rows(x: Any, dtype: torch.dtype = torch.float64, chunk: int | None = None
@@ -87,7 +87,9 @@ def topk_scores(queries: torch.Tensor, bank: torch.Tensor, k: int,
             s = q @ bank[j:j + BANK_CHUNK].T
             if offset is not None:
                 s = s - offset[j:j + BANK_CHUNK]
-            merged = torch.cat([best, s], dim=1)
+            # the block's own top-k first, then a merge of two small arrays (not of the block)
+            top = s.topk(min(k, s.shape[1]), dim=1).values
+            merged = torch.cat([best, top], dim=1)
             best = merged.topk(min(k, merged.shape[1]), dim=1).values
         out.append(best)
     return torch.cat(out) if out else torch.empty(0, k, dtype=bank.dtype)
