@@ -294,12 +294,14 @@ class LoadedRun:
     imported: dict[str, Any] | None = None  # set for runs made by `import-checkpoint`
     images_forwarded: int = 0
     log: list[str] = field(default_factory=list)
+    head: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         def count(module: Any, args: tuple[Any, ...]) -> None:
             self.images_forwarded += int(args[0].shape[0])
 
         self.model.head.register_forward_pre_hook(count)
+        self.head = linear_head(self.model)  # once, not per detector and set
 
     def entry(self, es: EvalSet) -> CacheEntry:
         return self.cache.entry(cache_key(self.weights, es.data, es.transform, self.code),
@@ -317,7 +319,7 @@ def detector_input(lr: LoadedRun, es: EvalSet, out: Outputs | None, p: Plan) -> 
         es.name, None if out is None else out.logits, es.data.labels.cpu(),
         None if out is None else out.features, {} if out is None else dict(out.blocks),
         p.temperature, lr.model, es.data, es.transform, lr.device, block_names=p.block_names,
-        head=linear_head(lr.model))
+        head=lr.head)
 
 
 def linear_head(model: Any) -> tuple[torch.Tensor, torch.Tensor] | None:

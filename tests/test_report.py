@@ -269,3 +269,13 @@ def test_a_hand_edited_metrics_file_with_wrong_types_exits_2_naming_file_and_key
     text = " ".join(res.output.split())
     assert named in text and str(run / "metrics.json") in text.replace(" ", "")
     assert "fix:" in text
+
+
+def report_json(*args) -> dict:
+    """`oodbench report ARGS -f json --no-write`, checked against the schema."""
+    res = invoke(*args, "-f", "json", "--no-write")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert errors(doc, SCHEMA) == []
+    return doc
+

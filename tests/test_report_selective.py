@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from jsonschema_lite import errors
-from test_report import SCHEMA, invoke, write_run
+from test_report import SCHEMA, invoke, report_json, write_run
 
 from oodbench.metrics import SELECTIVE_METRICS
 
@@ -47,14 +47,6 @@ def runs(tmp_path: Path) -> Path:
         for loss, shift in (("softmax", 1.0), ("dismax", 3.0)):
             add_selective(write_run(root, loss, seed, shift), seed)
     return root
-
-
-def report_json(*args) -> dict:
-    res = invoke(*args, "-f", "json", "--no-write")
-    assert res.exit_code == 0, res.output
-    doc = json.loads(res.stdout)
-    assert errors(doc, SCHEMA) == []
-    return doc
 
 
 def rows(doc: dict, loss: str = "softmax") -> dict[str, dict]:

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from jsonschema_lite import errors
-from test_report import SCHEMA, invoke, write_run
+from test_report import invoke, write_run
+from test_report import report_json as report
 
 from oodbench.report import find_metrics
 
@@ -39,14 +39,6 @@ def edit(run: Path, change: Change) -> None:
 
 def metrics_of(run: Path) -> dict[str, Any]:
     return json.loads((run / "metrics.json").read_text())
-
-
-def report(*paths: Path) -> dict[str, Any]:
-    res = invoke(*paths, "-f", "json", "--no-write")
-    assert res.exit_code == 0, res.output
-    doc = json.loads(res.stdout)
-    assert errors(doc, SCHEMA) == []
-    return doc
 
 
 def rows_of(doc: dict[str, Any], loss: str) -> dict[str, dict[str, Any]]:

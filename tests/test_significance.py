@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from jsonschema_lite import errors
-from test_report import SCHEMA, invoke
+from test_report import SCHEMA, invoke, report_json
 
 from oodbench.metrics import _weighted_aurocs, ood_metrics, paired_bootstrap_auroc
 from oodbench.report import build_report, compare, find_metrics, load_metrics
@@ -112,14 +112,6 @@ def runs(tmp_path: Path) -> Path:
     for seed in (0, 1, 2):
         write_run(root, "softmax", seed, three_detectors(seed))
     return root
-
-
-def report_json(*args) -> dict:
-    res = invoke(*args, "-f", "json", "--no-write")
-    assert res.exit_code == 0, res.output
-    doc = json.loads(res.stdout)
-    assert errors(doc, SCHEMA) == []
-    return doc
 
 
 def test_tie_set_holds_the_best_and_its_twin_not_the_weak(runs: Path):
