@@ -557,6 +557,26 @@ def _sweep(req: Any, ctx: Any, device: str, jobs: int) -> Path:
 
 
 @command()
+def publish(
+    source: Annotated[Path, typer.Argument(metavar="RUNS",
+        help="Folder of run folders (or one run) whose results to copy.")],
+    dest: Annotated[Path, typer.Argument(metavar="DEST",
+        help="Folder to copy them into, same layout (e.g. benchmarks/results).")],
+) -> None:
+    """Copy scored runs' results (config, manifest, calibration, metrics; no weights, caches or
+    per-sample scores) into DEST, small enough to commit; `oodbench report DEST` reads them.
+
+    Example: `oodbench publish runs/mnist benchmarks/results/mnist`
+    """
+    from oodbench.console import out
+    from oodbench.runs import publish_runs
+
+    made = publish_runs(source, dest)
+    out.print(f"copied the results of {len(made)} run(s) to {dest}; "
+              f"regenerate the tables with `oodbench report {dest}`")
+
+
+@command()
 def data(
     download: Annotated[list[str] | None, typer.Option(
         "--download",

@@ -16,6 +16,7 @@ Temporaries of a process killed while writing are removed when the folder is nex
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 
 from oodbench.config import RunConfig, load_yaml
 from oodbench.errors import OodbenchError
-from oodbench.io import read_json, remove_stale_temps, write_yaml
+from oodbench.io import atomic_write, read_json, remove_stale_temps, write_yaml
 
 
 def default_run_dir(cfg: RunConfig, root: Path = Path("runs")) -> Path:
@@ -95,6 +96,31 @@ class Run:
 
     def calibration(self) -> dict[str, Any] | None:
         return read_json(self.calibration_path) if self.calibration_path.exists() else None
+
+
+# The files that record a finished run's results and how they were made: what `publish_runs`
+# copies (no checkpoint, cache or per-sample scores), and all that `oodbench report` reads.
+RECORD_FILES = ("config.yaml", "manifest.json", "calibration.json", "metrics.json")
+
+
+def publish_runs(source: Path, dest: Path) -> list[Path]:
+    """Copy the record files of every scored run under `source` to the same relative folder
+    under `dest`, so the results can be committed and reported on without the weights and
+    caches (megabytes instead of gigabytes). Each copy is atomic; returns the run folders made."""
+    source, dest = Path(source), Path(dest)
+    runs = sorted(m.parent for m in source.rglob("metrics.json") if (m.parent / "config.yaml").exists())
+    if not runs:
+        raise OodbenchError(f"no scored runs under {source}",
+                            "point at a folder of run folders that `oodbench score` has written")
+    made = []
+    for run in runs:
+        target = dest / run.relative_to(source)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_FILES:
+            if (run / name).exists():
+                atomic_write(target / name, lambda tmp, src=run / name: shutil.copyfile(src, tmp))
+        made.append(target)
+    return made
 
 
 CHECKPOINT_HINT = ("delete it and train again (the run folder's config is kept), or import a "

@@ -146,3 +146,27 @@ def test_two_scores_of_one_run_at_once_keep_both_detectors(tmp_path):
         assert p.returncode == 0, out
     metrics = json.loads(run.metrics_path.read_text())
     assert sorted(metrics["detectors"]) == ["energy", "msp"]
+
+
+def test_publish_copies_only_the_record_files_and_report_reads_them(tmp_path):
+    """What `oodbench publish` leaves is committable (no weights, cache, scores) and enough for
+    `oodbench report` to give the same table as on the original run folders."""
+    run = make_digits_run(tmp_path / "runs" / "digits" / "softmax-seed0")
+    r = runner.invoke(app, ["score", str(run.path), "-d", "msp", "-d", "energy"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["publish", str(tmp_path / "runs"), str(tmp_path / "pub")])
+    assert r.exit_code == 0, r.output
+    published = tmp_path / "pub" / "digits" / "softmax-seed0"
+    records = ["calibration.json", "config.yaml", "manifest.json", "metrics.json"]
+    assert sorted(p.name for p in published.iterdir()) == [
+        n for n in records if (run.path / n).exists()]
+    assert (run.path / "checkpoint.pt").exists() and (run.path / "scores").is_dir()
+    assert (published / "metrics.json").read_bytes() == run.metrics_path.read_bytes()
+    tables = []
+    for root in (tmp_path / "runs", tmp_path / "pub"):
+        r = runner.invoke(app, ["report", str(root), "--format", "json", "--no-write"])
+        assert r.exit_code == 0, r.output
+        tables.append(json.loads(r.output)["groups"])
+    assert tables[0] == tables[1]
+    r = runner.invoke(app, ["publish", str(tmp_path / "empty"), str(tmp_path / "x")])
+    assert r.exit_code == 2 and "no scored runs" in r.output
