@@ -108,7 +108,8 @@ def publish_runs(source: Path, dest: Path) -> list[Path]:
     under `dest`, so the results can be committed and reported on without the weights and
     caches (megabytes instead of gigabytes). Each copy is atomic; returns the run folders made."""
     source, dest = Path(source), Path(dest)
-    runs = sorted(m.parent for m in source.rglob("metrics.json") if (m.parent / "config.yaml").exists())
+    runs = sorted(m.parent for m in source.rglob("metrics.json")
+                  if (m.parent / "config.yaml").exists())
     if not runs:
         raise OodbenchError(f"no scored runs under {source}",
                             "point at a folder of run folders that `oodbench score` has written")
