@@ -181,7 +181,7 @@ def test_hand_edited_run_config_exits_2_not_a_traceback(tiny_benchmark, tmp_path
                    "benchmark, loss, loss_options, seed")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks").rglob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_every_shipped_benchmark_loads_and_round_trips(path):
     bench = load_benchmark(str(path))
