@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from oodbench.detectors import streaming
 from oodbench.detectors.base import DETECTORS, Detector, DetectorInput, HParam
 from oodbench.detectors.streaming import (
     features_of,
@@ -54,15 +55,27 @@ class _BankDetector(Detector):
                                 f"pass -p {name}.k={len(self.bank)} or smaller")
         return k
 
-    def _fill_bank(self, train: DetectorInput, scale: Any = None) -> None:
+    def _fill_bank(self, train: DetectorInput, scale: Any = None) -> torch.Tensor:
+        """Fill the float32 bank (normalised rows, optionally scaled) and return their squared
+        norms ‖b‖² (float32, from float64 sums). One float64 chunk buffer is reused for every
+        step, in place: the fit holds the bank plus one chunk, never a float64 copy of the
+        bank nor fresh temporaries per chunk (which the allocator would keep)."""
         feats = features_of(train, self.registered_name())
+        n, chunk = len(feats), streaming.CHUNK
         bank = torch.empty(tuple(feats.shape), dtype=torch.float32)
-        for i, x in rows(feats):
-            z = l2_normalise(x)
+        sq = torch.empty(n, dtype=torch.float32)
+        buf = torch.empty((min(chunk, n), *bank.shape[1:]), dtype=torch.float64)
+        for i in range(0, n, chunk):
+            x = buf[:min(chunk, n - i)]
+            x.copy_(torch.as_tensor(np.asarray(feats[i:i + len(x)])))
+            l2_normalise(x, out=x)
             if scale is not None:
-                z = z * scale(i, len(x))[:, None]
-            bank[i:i + len(x)] = z.float()
+                x.mul_(scale(i, len(x))[:, None])
+            part = bank[i:i + len(x)]
+            part.copy_(x)  # rounds to float32
+            sq[i:i + len(x)] = x.copy_(part).pow_(2).sum(1)
         self.bank = bank
+        return sq
 
 
 @DETECTORS.register("knn", paper="Sun et al., ICML 2022 (deep KNN)")
@@ -75,9 +88,7 @@ class KNN(_BankDetector):
     grid: ClassVar[dict[str, list]] = {"k": [1, 5, 10, 50, 100, 200]}
 
     def fit(self, train: DetectorInput) -> KNN:
-        self._fill_bank(train)
-        assert self.bank is not None
-        self.bank_sq = (self.bank.double() ** 2).sum(1).float()
+        self.bank_sq = self._fill_bank(train)
         self.fitted = True
         return self
 
