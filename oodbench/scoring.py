@@ -566,8 +566,8 @@ def with_derived(lr: LoadedRun, p: Plan, det: Detector, es: EvalSet, inp: Detect
     """`inp` with the detector's derived output (e.g. KNN's top-K neighbours) of this set: the
     copy stored in the set's cache entry when the same train outputs, set outputs, parameters
     and code made it before, else computed now and stored. The scores are the same either way."""
-    spec = det.derived_output()
-    if spec is None or not det.fitted or (det.requires_fit and p.fit_source is None):
+    spec = det.derived_output() if det.fitted else None
+    if spec is None or (det.requires_fit and p.fit_source is None):
         return inp
     value, _ = lr.entry(es).derived(spec.name, {**spec.params, "fit": p.fit_source},
                                     spec.code, lambda: det.derive(inp))

@@ -46,11 +46,12 @@ Derived outputs: a fitted detector whose scoring is dominated by one costly per-
 intermediate (KNN / NNGuide: each query's top-K neighbour similarities in the train bank)
 declares it (`derived_output()` → `Derived`: name, parameters, source files) and computes it
 in `derive(data)`; `score` reads it through `derived_of(data)`, which takes the copy the
-pipeline passed in `DetectorInput.derived` or else calls `derive`. The pipeline stores it
-next to the set's cached outputs, keyed by the content keys of the train outputs the fit read
-and of the set's outputs plus the `Derived` parameters and code, so a second score of the same
-model and data reuses it and any change of inputs misses; the scores are the same numbers
-either way (the array round-trips exactly).
+pipeline passed in `DetectorInput.derived` or else calls `derive`. It must not depend on a
+grid hyperparameter: a grid selection computes it once and scores every point from it. The
+pipeline stores it next to the set's cached outputs, keyed by the content keys of the train
+outputs the fit read and of the set's outputs plus the `Derived` parameters and code, so a
+second score of the same model and data reuses it and any change of inputs misses; the scores
+are the same numbers either way (the array round-trips exactly).
 
 Heads: `DetectorInput.head` is the linear classifier (W, b), or None for prototype (distance)
 heads. A detector that needs "head" declares `applies_to_prototype_heads` = False (it refuses
@@ -62,7 +63,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -352,6 +353,15 @@ class Detector:
         got = data.derived.get(spec.name)
         return self.derive(data) if got is None else got
 
+    def with_derived(self, data: DetectorInput) -> DetectorInput:
+        """`data` with its derived output computed once, so that every grid point of a
+        selection scores from it (a derived output never depends on a grid hyperparameter:
+        KNN's top-K serves every k of its grid)."""
+        spec = self.derived_output() if self.fitted else None
+        if spec is None or spec.name in data.derived:
+            return data
+        return replace(data, derived={**data.derived, spec.name: self.derive(data)})
+
     @property
     def selection_mode(self) -> str:
         return str(self.params.get("selection", "none"))
@@ -417,6 +427,7 @@ class Detector:
         elif mode != "id":
             raise OodbenchError(f"{self.registered_name()} cannot select in mode {mode!r}",
                                 "use one of " + ", ".join(GRID_SELECTION_MODES))
+        val, neg = self.with_derived(val), None if neg is None else self.with_derived(neg)
         points = {", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in p.items()): p for p in self.grid_points()}
         candidates = {}
