@@ -10,6 +10,12 @@ can never be stale: retraining, other data, another transform or edited model co
 the key. What the key cannot see: a change inside torch's own kernels within one version, or
 code the model calls in other files; `CACHE_VERSION` is bumped when the entry layout changes.
 
+A detector's derived output (`oodbench.detectors.base.Derived`: e.g. KNN's top-K neighbour
+similarities of each query) is stored in the entry of the set it was derived from, as
+derived/<name>-<hash>.npy, the hash covering the content key of the train outputs the
+detector was fitted on, the derived output's parameters, its source files and the torch
+version: same model and data → reused; another bank, K, normalisation or code → another file.
+
 An entry holds what has been asked of it. The base outputs (logits, features, labels) are
 written together; block summaries are named by "<block>.<summary>" keys (`oodbench.summaries`)
 and each is computed only when a detector asks for it, so a detector that reads block means
@@ -25,11 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,13 +140,39 @@ class CacheEntry:
         return out
 
     def _checked(self, key: str) -> torch.Tensor:
-        t = _load(self.file(key))
+        return self._checked_file(self.file(key))
+
+    def _checked_file(self, path: Path) -> torch.Tensor:
+        t = _load(path)
         if len(t) != self.n:
-            raise OodbenchError(f"cache file {self.file(key)} holds {len(t)} rows, expected "
+            raise OodbenchError(f"cache file {path} holds {len(t)} rows, expected "
                                 f"{self.n} (truncated or foreign)",
                                 f"delete the folder {self.path} (it is recomputed on the next "
                                 "`score`)")
         return t
+
+    def derived(self, name: str, params: Mapping[str, Any], code: Iterable[str],
+                compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """A detector's derived output of this entry's set (see the module docstring): the
+        stored copy, else `compute()` saved atomically; True when it was computed now. `params`
+        must name everything it depends on besides this set's outputs (the fit's train key)."""
+        path = self.path / "derived" / f"{name}-{derived_key(params, code)}.npy"
+        if path.exists():
+            return self._checked_file(path), False
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path.parent)
+        tmp = str(path) + temp_tag() + ".npy"
+        np.save(tmp, value.numpy())
+        os.replace(tmp, path)
+        return value, True
+
+
+def derived_key(params: Mapping[str, Any], code: Iterable[str]) -> str:
+    """sha256 of a derived output's parameters, its source files and the torch version."""
+    text = json.dumps({"version": CACHE_VERSION, "params": dict(params),
+                       "torch": torch.__version__}, sort_keys=True, default=str)
+    return hashlib.sha256((text + _source_digest(tuple(code))).encode()).hexdigest()[:24]
 
 
 class EntryWriter:
@@ -208,6 +242,7 @@ class OutputCache:
             for entry in self.root.iterdir():
                 if entry.is_dir():
                     removed += remove_stale_temps(entry) + remove_stale_temps(entry / "blocks")
+                    removed += remove_stale_temps(entry / "derived")
         return removed
 
     def entry(self, key: str, n: int = -1) -> CacheEntry:

@@ -73,6 +73,7 @@ class Plan:
     ood_validation: str | None = None
     oracle: str | None = None  # an OOD TEST set that grid selections may read (--oracle)
     not_applicable: dict[str, str] = field(default_factory=dict)  # detector → reason
+    fit_source: str | None = None  # cache key of the train outputs the fits read
 
     @property
     def fitting(self) -> list[str]:
@@ -478,6 +479,7 @@ def fit_select(lr: LoadedRun, p: Plan, sets: SetBundle) -> Setup:
     if p.fitting:
         assert sets.train is not None
         train = detector_input(lr, sets.train, cached_outputs(lr, sets.train, p.fit_keys), p)
+        p.fit_source = lr.entry(sets.train).path.name
         for n in p.fitting:
             _timed(p, n, seconds[n], "fit", lambda d: d.fit(train))
     if p.selecting:
@@ -546,7 +548,8 @@ def score_sets(lr: LoadedRun, p: Plan, results: list[SetResult]) -> dict[str, De
                 continue
             tic = time.perf_counter()
             try:
-                per_set[r.set.name] = det(detector_input(lr, r.set, r.outputs, p))
+                per_set[r.set.name] = det(with_derived(lr, p, det, r.set, detector_input(
+                    lr, r.set, r.outputs, p)))
             except NotApplicable as e:
                 p.refuse(name, e)
                 break
@@ -556,6 +559,20 @@ def score_sets(lr: LoadedRun, p: Plan, results: list[SetResult]) -> dict[str, De
         total = (recorded + own) if name in p.shared else (plain + own)
         out[name] = DetectorScores(per_set, own, total / max(plain, 1e-12), basis)
     return out
+
+
+def with_derived(lr: LoadedRun, p: Plan, det: Detector, es: EvalSet, inp: DetectorInput
+                 ) -> DetectorInput:
+    """`inp` with the detector's derived output (e.g. KNN's top-K neighbours) of this set: the
+    copy stored in the set's cache entry when the same train outputs, set outputs, parameters
+    and code made it before, else computed now and stored. The scores are the same either way."""
+    spec = det.derived_output() if det.fitted else None
+    if spec is None or (det.requires_fit and p.fit_source is None):
+        return inp
+    value, _ = lr.entry(es).derived(spec.name, {**spec.params, "fit": p.fit_source},
+                                    spec.code, lambda: det.derive(inp))
+    inp.derived[spec.name] = value
+    return inp
 
 
 # ----------------------------------------------------------------------------------- assemble

@@ -352,3 +352,24 @@ def test_every_new_detector_declares_a_grid_and_a_paper_formula_docstring():
                 cls.hparams[hp].coerce(v)  # every grid value is valid
         assert cls.requires_fit and cls.summary, name
         assert "features" in cls.needs or "logits" in cls.needs, name
+
+
+@pytest.mark.parametrize("name", ["knn", "nnguide"])
+def test_grid_selection_searches_each_set_once_and_slices_every_k(name, monkeypatch):
+    """One top-K search per selection set serves the whole k grid (K = max of the grid), and
+    each grid point scores as a detector created with that k does."""
+    cls = DETECTORS.get(name)
+    x, y, lx, xq, lq, _ = _data()
+    xn, ln = xq[::-1] * 3 + 1, lq[::-1] * 2  # another set as the negatives
+    calls: list[int] = []
+    derive = cls.derive
+    monkeypatch.setattr(cls, "derive", lambda self, d: calls.append(len(d)) or derive(self, d))
+    det = create(name, selection="ood").fit(_inp(x, lx, y))
+    det.select(_inp(xq, lq), _inp(xn, ln))
+    assert calls == [len(xq), len(xn)] and det.k_max() == max(cls.grid["k"])
+    for k in cls.grid["k"]:
+        key = f"k={k}"
+        alone = create(name, k=k).fit(_inp(x, lx, y))
+        assert det.selection["table"][key] == pytest.approx(
+            roc_auc_score(np.r_[np.ones(len(xq)), np.zeros(len(xn))],
+                          np.r_[alone(_inp(xq, lq)), alone(_inp(xn, ln))]), abs=1e-12), key

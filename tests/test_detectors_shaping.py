@@ -23,7 +23,7 @@ TRAIN = np.abs(np.random.default_rng(0).normal(1.0, 1.0, size=(40, 4)))
 
 HEAD_DETECTORS = ["react", "vra", "bfact", "ash-p", "ash-b", "ash-s", "scale", "dice",
                   "gradnorm", "fdbd", "nci"]
-ALL = HEAD_DETECTORS + ["gen", "neco"]
+ALL = HEAD_DETECTORS + ["gen", "neco", "lts"]
 
 
 def _inp(f: np.ndarray, head=True, name="x") -> DetectorInput:
@@ -93,6 +93,28 @@ def test_ash_variants(p: float, k: int) -> None:
     _check("ash-b", _energy(np.where(mask, s1 / k, 0.0) @ W.T + B), percentile=p)
     _check("ash-s", _energy((pruned * np.exp(s1 / s2)) @ W.T + B), percentile=p)
     _check("scale", _energy((F * np.exp(s1 / s2)) @ W.T + B), percentile=p)
+
+
+@pytest.mark.parametrize("p,k", [(95.0, 1), (50.0, 2), (0.0, 4)])  # k = max(1, 4 - round(4p/100))
+def test_lts_scales_the_logits_by_the_squared_activation_ratio(p: float, k: int) -> None:
+    f = np.vstack([F, [[-1.0, 2.0, -0.5, 1.0]], [[-1.0, -2.0, 0.0, -3.0]]])  # negatives; all ≤ 0
+    a = np.maximum(f.astype(np.float32).astype(np.float64), 0.0)  # as _inp passes them
+    s2 = np.array([np.sort(row)[::-1][:k].sum() for row in a])
+    s = np.where(s2 > 0, a.sum(1) / np.where(s2 > 0, s2, 1.0), 1.0) ** 2
+    z = (f @ W.T + B).astype(np.float32).astype(np.float64)  # the cached (float32) logits
+    np.testing.assert_allclose(create("lts", percentile=p)(_inp(f)), _energy(s[:, None] * z),
+                               rtol=1e-12)
+
+
+def test_lts_by_hand() -> None:
+    """f = (1, 1, 1, 1, 0, 0, 0, 0), p = 75: k = 8 − 6 = 2, S = (4 / 2)² = 4; logits (1, 0, −1)
+    → log(e⁴ + 1 + e⁻⁴); a unit vector (only one active unit) has S = 1: plain energy."""
+    f = np.array([[1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 3, 0, 0, 0, 0]], dtype=np.float64)
+    z = np.array([[1.0, 0.0, -1.0], [2.0, 0.5, 0.0]])
+    inp = DetectorInput("x", torch.tensor(z, dtype=torch.float32),
+                        torch.zeros(2, dtype=torch.long), features=torch.tensor(f))
+    want = [np.log(np.exp(4.0) + 1 + np.exp(-4.0)), np.log(np.exp(2.0) + np.exp(0.5) + 1)]
+    np.testing.assert_allclose(create("lts", percentile=75.0)(inp), want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("p", [90.0, 50.0])
@@ -221,7 +243,7 @@ def test_prototype_head_is_refused_with_the_reason(name: str) -> None:
             det(_inp(F, head=False))
 
 
-@pytest.mark.parametrize("name", ["gen", "neco"])
+@pytest.mark.parametrize("name", ["gen", "neco", "lts"])
 def test_head_free_detectors_apply_to_prototype_heads(name: str) -> None:
     assert DETECTORS.get(name).applies_to_prototype_heads is True
     det = create(name)

@@ -212,6 +212,81 @@ def test_phases_run_one_by_one_from_python(digits_run):
                                logits.max(dim=1).values.numpy())
 
 
+def _phase_scores(run: Run, names: list[str], train_rows: int | None = None, **params
+                  ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Per-sample scores through the phases of `score` (float64, unrounded) and the cached
+    features of the train and evaluated sets; `train_rows` fits on the first rows of the train
+    split only (another bank)."""
+    from oodbench.pipeline import load_run
+    from oodbench.scoring import (
+        EvalSet,
+        build_detectors,
+        fit_select,
+        forward_eval,
+        load_sets,
+        plan,
+        score_sets,
+    )
+
+    lr = load_run(run, CPU, batch_size=100)
+    p = plan(build_detectors(names, params), lr.model.block_names)
+    sets = load_sets(run.config(), p, DataContext.resolve("unused"), CPU)
+    if train_rows is not None:
+        tr = sets.train
+        sets.train = EvalSet(tr.data.subset(torch.arange(train_rows)), tr.transform, "train")
+    fit_select(lr, p, sets)
+    results = [forward_eval(lr, p, s) for s in sets.evaluated]
+    scores = score_sets(lr, p, results)
+    feats = {r.set.name: r.outputs.features.numpy() for r in results}
+    feats["train"] = lr.entry(sets.train).load(()).features.numpy()
+    return {n: s.per_set for n, s in scores.items()}, feats
+
+
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
+def test_nearest_neighbour_search_is_stored_and_reused_bit_for_bit(digits_run, monkeypatch):
+    """A second score reuses each set's stored top-K (no search), with the same numbers; a
+    smaller k is a slice of it; another bank (train data) misses and searches again."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from oodbench.detectors.knn import KNN, NNGuide
+
+    searches: list[str] = []
+    for cls in (KNN, NNGuide):
+        def counted(self, data, _derive=cls.derive):
+            searches.append(data.name)
+            return _derive(self, data)
+        monkeypatch.setattr(cls, "derive", counted)
+    names = ["knn", "nnguide"]
+    cold, feats = _phase_scores(digits_run, names)
+    sets = list(cold["knn"])
+    assert len(searches) == 2 * len(sets)
+    stored = list(digits_run.cache_dir.glob("*/derived/*.npy"))
+    assert len(stored) == 2 * len(sets)
+    assert {f.name.split("-")[0] for f in stored} == {"knn.topk", "nnguide.topk"}
+    searches.clear()
+    warm, _ = _phase_scores(digits_run, names)
+    assert searches == []
+    for n in names:
+        for s in sets:
+            assert np.array_equal(warm[n][s], cold[n][s]), (n, s)
+    # k = 5 ≤ K = 200: a slice of the stored top-K, checked against an exact search
+    k5, _ = _phase_scores(digits_run, ["knn"], knn={"k": 5})
+    assert searches == []
+    nn = NearestNeighbors(n_neighbors=5).fit(_unit_rows(feats["train"]))
+    for s in sets:
+        dist = nn.kneighbors(_unit_rows(feats[s]))[0][:, -1]
+        np.testing.assert_allclose(k5["knn"][s], -dist, rtol=1e-5, atol=1e-5)
+    # another bank: every set is searched again, into new files
+    other, _ = _phase_scores(digits_run, names, train_rows=300)
+    assert len(searches) == 2 * len(sets)
+    assert len(list(digits_run.cache_dir.glob("*/derived/*.npy"))) == 4 * len(sets)
+    assert not np.array_equal(other["knn"][sets[0]], cold["knn"][sets[0]])
+
+
 def test_every_detector_is_also_judged_as_a_confidence(digits_run):
     """metrics.json holds misclassification / risk–coverage figures per detector, computed from
     the saved scores and the classifier's correctness (recomputed here with scikit-learn)."""

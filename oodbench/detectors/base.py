@@ -42,6 +42,17 @@ that no deployment can reach. It is in no detector's `selection_modes` and is re
 detector is created with `oracle=True` (`create(name, oracle=True, selection="oracle")`); the
 `ood_val` passed to `select` is then that test set, and `selection["oracle"]` is True.
 
+Derived outputs: a fitted detector whose scoring is dominated by one costly per-sample
+intermediate (KNN / NNGuide: each query's top-K neighbour similarities in the train bank)
+declares it (`derived_output()` → `Derived`: name, parameters, source files) and computes it
+in `derive(data)`; `score` reads it through `derived_of(data)`, which takes the copy the
+pipeline passed in `DetectorInput.derived` or else calls `derive`. It must not depend on a
+grid hyperparameter: a grid selection computes it once and scores every point from it. The
+pipeline stores it next to the set's cached outputs, keyed by the content keys of the train
+outputs the fit read and of the set's outputs plus the `Derived` parameters and code, so a
+second score of the same model and data reuses it and any change of inputs misses; the scores
+are the same numbers either way (the array round-trips exactly).
+
 Heads: `DetectorInput.head` is the linear classifier (W, b), or None for prototype (distance)
 heads. A detector that needs "head" declares `applies_to_prototype_heads` = False (it refuses
 with `NotApplicable`, naming `prototype_head_reason`) or a string describing its adaptation.
@@ -52,7 +63,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -195,9 +206,23 @@ class DetectorInput:
     inputs: torch.Tensor | None = None  # normalised float inputs of synthetic sets (FGSM)
     block_names: tuple[str, ...] = ()
     head: tuple[torch.Tensor, torch.Tensor] | None = None
+    derived: dict[str, torch.Tensor] = field(default_factory=dict)  # see `Derived`
 
     def __len__(self) -> int:
         return int(len(self.labels))
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A per-sample array (N × …) that a fitted detector derives from one set's outputs and
+    that is worth keeping (seconds to compute, milliseconds to score from). `name` is its key in
+    `DetectorInput.derived`; `params` holds everything it depends on besides the fit's train
+    outputs and the set's outputs (e.g. K, the normalisation, bank subsampling or scaling);
+    `code` the source files that compute it. A stored copy is keyed by all of these."""
+
+    name: str
+    params: dict[str, Any]
+    code: tuple[str, ...] = ()
 
 
 class Detector:
@@ -313,6 +338,30 @@ class Detector:
         that requires grad, graph alive); only for `uses_shared_forward` detectors."""
         raise NotImplementedError(f"{self.registered_name()} scores from cached outputs")
 
+    def derived_output(self) -> Derived | None:
+        """The costly intermediate `derive` computes (see `Derived`), or None: nothing to keep."""
+        return None
+
+    def derive(self, data: DetectorInput) -> torch.Tensor:
+        """The `derived_output()` array of `data` (fitted detectors only)."""
+        raise NotImplementedError(f"{self.registered_name()} derives nothing")
+
+    def derived_of(self, data: DetectorInput) -> torch.Tensor:
+        """The stored copy the pipeline passed in `data.derived`, else `derive(data)`."""
+        spec = self.derived_output()
+        assert spec is not None, "derived_of needs a derived_output()"
+        got = data.derived.get(spec.name)
+        return self.derive(data) if got is None else got
+
+    def with_derived(self, data: DetectorInput) -> DetectorInput:
+        """`data` with its derived output computed once, so that every grid point of a
+        selection scores from it (a derived output never depends on a grid hyperparameter:
+        KNN's top-K serves every k of its grid)."""
+        spec = self.derived_output() if self.fitted else None
+        if spec is None or spec.name in data.derived:
+            return data
+        return replace(data, derived={**data.derived, spec.name: self.derive(data)})
+
     @property
     def selection_mode(self) -> str:
         return str(self.params.get("selection", "none"))
@@ -378,6 +427,7 @@ class Detector:
         elif mode != "id":
             raise OodbenchError(f"{self.registered_name()} cannot select in mode {mode!r}",
                                 "use one of " + ", ".join(GRID_SELECTION_MODES))
+        val, neg = self.with_derived(val), None if neg is None else self.with_derived(neg)
         points = {", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in p.items()): p for p in self.grid_points()}
         candidates = {}

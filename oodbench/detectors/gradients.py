@@ -118,7 +118,8 @@ def take(data: DetectorInput, index: torch.Tensor, name: str | None = None) -> D
         blocks={k: v[idx] for k, v in data.blocks.items()},
         images=None if data.images is None else data.images.subset(idx.to(
             data.images.images.device)),
-        inputs=None if data.inputs is None else data.inputs[idx])
+        inputs=None if data.inputs is None else data.inputs[idx],
+        derived={k: v[idx] for k, v in data.derived.items()})
 
 
 def subsample(data: DetectorInput, n: int) -> DetectorInput:
@@ -166,7 +167,7 @@ def fgsm_standin(val: DetectorInput, taps: tuple[str, ...] = (),
             advs.append(adv.cpu())
     synthetic = replace(val, name=f"fgsm({val.name})", inputs=torch.cat(advs), images=None,
                         labels=torch.full((len(val),), -1, dtype=torch.long), logits=None,
-                        features=None, blocks={})
+                        features=None, blocks={}, derived={})
     return forward_outputs(synthetic, taps)
 
 

@@ -23,6 +23,13 @@ Activation shaping, then the energy logsumexp(z) (Liu et al. 2020, T = 1):
   s2 = the sum of the kept ones.
 - `scale` (Xu, Chen, Franchi & Yao, ICLR 2024, SCALE): f · exp(s1 / s2), s1 = Σ f, s2 = the
   sum of the k largest activations (k as in ASH), p = 85 (OpenOOD's scale.yml). No pruning.
+- `lts` (Djurisic, Liu & Nikolić, "Logit Scaling for Out-of-Distribution Detection", arXiv
+  2409.01175, 2024): a = max(f, 0), s1 = Σ a, s2 = the sum of the k largest a (k as in ASH,
+  p = 95: the authors' CIFAR config `lts@95`), S = (s1 / s2)²; score = logsumexp(S · z) with z
+  the model's own logits (the cached ones, T = 1), as the authors' `lts.py` + `get_score(logits
+  * s)`. The ReLU is theirs (a no-op on post-ReLU pooled features); S = 1 when s2 = 0. No train
+  statistics, no W, b: it reads logits and features only, so it applies to prototype heads too
+  (their logits are scaled the same way).
 - `dice` (Sun & Li, ECCV 2022): contributions V = W ⊙ μ (C×D), μ = the mean train feature;
   keep the weights whose contribution exceeds the p-th percentile of V (p = 90: the top 10%),
   z = f (W ⊙ M)ᵀ + b.
@@ -65,7 +72,8 @@ Train statistics are streamed over chunks of CHUNK rows (memory does not grow wi
 Selection grids (`grid`, searched by the generic `Detector.select` on cached outputs):
 react percentile {80, 85, 90, 95, 99}; vra percentile_high {85, 90, 95, 99} × percentile_low
 {1, 5, 10, 15} (OpenOOD's sweep); bfact percentile {80..99} × order {1..4}; ash-* and scale
-percentile {65, 70, ..., 95} (OpenOOD's sweep); dice p {10, 30, 50, 70, 90}; fdbd
+percentile {65, 70, ..., 95} (OpenOOD's sweep; lts the same, its default 95
+included); dice p {10, 30, 50, 70, 90}; fdbd
 distance_as_normalizer {true, false}; nci alpha {1e-4, 1e-3, 1e-2, 1e-1}; gen gamma
 {0.01, 0.1, 0.5, 1}; neco d {0 (auto), 4, 8, ..., 128}. gradnorm has none (T = 1 is the paper's).
 
@@ -354,6 +362,32 @@ class SCALE(_PerSample):
         s2 = torch.where(mask, f, torch.zeros_like(f)).sum(1, keepdim=True)
         ratio = torch.where(s2 != 0, s1 / torch.where(s2 != 0, s2, 1.0), 1.0)
         return f * torch.exp(ratio)
+
+
+@DETECTORS.register("lts", paper="Djurisic, Liu & Nikolić, 2024 (LTS)")
+class LTS(Detector):
+    """Logit scaling: the logits times (Σ relu(f) / Σ its top (100 − p) %)², then energy."""
+
+    summary = "LTS: logits times (sum of ReLU features / sum of their top 5%)², energy"
+    needs = frozenset({"features", "logits"})
+    hparams = {"percentile": _percent("per-sample percentile of the activations in s2", 95.0),
+               **grid_selection_hparams()}
+    grid = {"percentile": [65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0]}
+
+    def factor(self, f: torch.Tensor) -> torch.Tensor:
+        """S = (s1 / s2)² per row (1 where every activation is ≤ 0)."""
+        a = f.clamp_min(0)
+        s1 = a.sum(1)
+        s2 = torch.topk(a, kept(a.shape[1], self.params["percentile"]), dim=1).values.sum(1)
+        ok = s2 > 0
+        return torch.where(ok, s1 / torch.where(ok, s2, 1.0), 1.0) ** 2
+
+    def score(self, data: DetectorInput) -> np.ndarray:
+        if data.logits is None:
+            raise RuntimeError(f"logits of {data.name!r} were not passed to the detector")
+        out = [energy(self.factor(f)[:, None] * z)
+               for f, z in zip(rows(_features(data)), rows(data.logits), strict=True)]
+        return torch.cat(out).numpy() if out else np.empty(0)
 
 
 @DETECTORS.register("dice", paper="Sun & Li, ECCV 2022 (DICE)")

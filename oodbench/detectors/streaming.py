@@ -30,9 +30,9 @@ def rows(x: Any, dtype: torch.dtype = torch.float64, chunk: int | None = None
         yield i, torch.as_tensor(np.asarray(x[i:i + step])).to(dtype)
 
 
-def l2_normalise(x: torch.Tensor) -> torch.Tensor:
-    """x / max(‖x‖₂, 1e-12) row-wise (a zero row stays zero)."""
-    return torch.nn.functional.normalize(x, p=2.0, dim=1, eps=1e-12)
+def l2_normalise(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x / max(‖x‖₂, 1e-12) row-wise (a zero row stays zero); `out=x` normalises in place."""
+    return torch.nn.functional.normalize(x, p=2.0, dim=1, eps=1e-12, out=out)
 
 
 class NormalisedView:
