@@ -18,7 +18,8 @@ memory-mapped files (memory does not grow with the dataset) under temporary name
 place only when the whole pass is complete, and read back memory-mapped. A process killed
 mid-pass (SIGKILL, OOM killer) leaves its temporaries behind; they are named after its PID and
 host (`oodbench.io.temp_tag`) and removed when the cache is next opened or the entry next
-written, once that PID is gone.
+written, once that PID is gone. Under torchrun `forward_sharded` splits a pass across the
+processes and only rank 0 writes (an `EntryWriter` refuses to open on another rank).
 """
 
 from __future__ import annotations

@@ -386,7 +386,9 @@ def score(
     """Score detectors on the in-distribution test set and every OOD set; write metrics.json.
 
     Forward outputs are cached in the run folder, so scoring again (or with other gradient-free
-    detectors) runs no forward pass; ODIN's clean forward also fills the cache.
+    detectors) runs no forward pass; ODIN's clean forward also fills the cache. Under
+    `torchrun --nproc-per-node N -m oodbench score ...` each set's forward pass is split across
+    the processes and rank 0 alone writes and reports.
 
     Example: `oodbench score --detector odin` (every run under runs/) ·
     `oodbench score runs/digits/dismax-seed0 -d msp -d mmles` ·
