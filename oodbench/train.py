@@ -41,7 +41,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -147,7 +147,7 @@ def training_forward(model: Classifier, device: torch.device,
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Any:
+def _sigint_ignored() -> Iterator[None]:
     """A second Ctrl-C (or torchrun forwarding the first one) must not cut the save short."""
     if threading.current_thread() is not threading.main_thread():
         yield
