@@ -24,7 +24,8 @@ memory-mapped files (memory does not grow with the dataset) under temporary name
 place only when the whole pass is complete, and read back memory-mapped. A process killed
 mid-pass (SIGKILL, OOM killer) leaves its temporaries behind; they are named after its PID and
 host (`oodbench.io.temp_tag`) and removed when the cache is next opened or the entry next
-written, once that PID is gone.
+written, once that PID is gone. Under torchrun `forward_sharded` splits a pass across the
+processes and only rank 0 writes (an `EntryWriter` refuses to open on another rank).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -43,6 +46,7 @@ import numpy as np
 import torch
 
 from oodbench.data import ImageSet, InputTransform
+from oodbench.distributed import World, check_may_write, gather_to_main
 from oodbench.errors import OodbenchError
 from oodbench.io import read_json, remove_stale_temps, temp_tag, write_json
 from oodbench.models import Classifier, ModelOutput
@@ -175,12 +179,27 @@ def derived_key(params: Mapping[str, Any], code: Iterable[str]) -> str:
     return hashlib.sha256((text + _source_digest(tuple(code))).encode()).hexdigest()[:24]
 
 
+def key_taps(keys: Collection[str]) -> tuple[str, ...]:
+    """Blocks a forward pass must return to compute the cache keys `keys`."""
+    return tuple(dict.fromkeys(split_key(k)[0] for k in keys if k not in BASE_OUTPUTS))
+
+
+def output_values(keys: Collection[str], out: ModelOutput) -> dict[str, np.ndarray]:
+    """The arrays (float32, CPU) of the cache keys `keys` for one batch's outputs."""
+    values = {}
+    if "logits" in keys:
+        values.update(logits=out.logits, features=out.features)
+    values.update(summarise_blocks(out.blocks, [k for k in keys if k not in BASE_OUTPUTS]))
+    return {k: v.detach().float().cpu().numpy() for k, v in values.items()}
+
+
 class EntryWriter:
     """Streams batches of outputs into an entry's temporary memory-mapped files; `commit`
     renames them into place (atomic per file, labels and meta last), `abort` removes them."""
 
     def __init__(self, entry: CacheEntry, keys: list[str], labels: torch.Tensor,
                  dataset: str) -> None:
+        check_may_write(entry.path)
         self.entry, self.keys, self.labels, self.dataset = entry, keys, labels, dataset
         self.tag = temp_tag()
         remove_stale_temps(entry.path)
@@ -190,14 +209,13 @@ class EntryWriter:
     @property
     def taps(self) -> tuple[str, ...]:
         """Blocks the forward pass must return for the keys being written."""
-        return tuple(dict.fromkeys(split_key(k)[0] for k in self.keys if k not in BASE_OUTPUTS))
+        return key_taps(self.keys)
 
     def write(self, start: int, out: ModelOutput) -> None:
-        values = {}
-        if "logits" in self.keys:
-            values.update(logits=out.logits, features=out.features)
-        values.update(summarise_blocks(out.blocks, [k for k in self.keys
-                                                    if k not in BASE_OUTPUTS]))
+        self.write_values(start, output_values(self.keys, out))
+
+    def write_values(self, start: int, values: dict[str, np.ndarray]) -> None:
+        """Rows start.. of each key (as `output_values` returns them, from any process)."""
         for key, value in values.items():
             if key not in self.maps:
                 path = self.entry.file(key)
@@ -205,7 +223,7 @@ class EntryWriter:
                 self.maps[key] = np.lib.format.open_memmap(
                     str(path) + self.tag, mode="w+", dtype=np.float32,
                     shape=(self.entry.n, *value.shape[1:]))
-            self.maps[key][start:start + len(value)] = value.detach().float().cpu().numpy()
+            self.maps[key][start:start + len(value)] = value
 
     def commit(self, seconds: float, device: str) -> None:
         for key, mm in self.maps.items():
@@ -273,8 +291,6 @@ def forward_into(model: Classifier, data: ImageSet, transform: InputTransform,
                  writer: EntryWriter, device: torch.device | str, batch_size: int,
                  progress: Callable[[int], None] | None = None) -> float:
     """One no-gradient pass over `data` writing the writer's keys; returns its wall time."""
-    import time
-
     check_summary_keys(writer.keys)
     model.eval().to(device)
     tic = time.perf_counter()
@@ -290,3 +306,42 @@ def forward_into(model: Classifier, data: ImageSet, transform: InputTransform,
         writer.abort()
         raise
     return time.perf_counter() - tic
+
+
+@torch.no_grad()
+def forward_sharded(model: Classifier, data: ImageSet, transform: InputTransform,
+                    keys: list[str], entry: CacheEntry, device: torch.device | str,
+                    batch_size: int, world: World,
+                    progress: Callable[[int], None] | None = None) -> float:
+    """`forward_into` split across the ranks of a torchrun job. Rank r runs its contiguous shard
+    of `data` batch by batch; each round's outputs (variable-size: the last shards may be short
+    or empty) are gathered on rank 0, which alone writes them at their rows and commits the
+    entry once. Every rank calls it with the same arguments; returns the wall time."""
+    check_summary_keys(keys)
+    model.eval().to(device)
+    writer = EntryWriter(entry, keys, data.labels, data.name) if world.main else None
+    lo, hi = world.shard(len(data))
+    largest = math.ceil(len(data) / world.size)  # rank 0's shard
+    rounds = math.ceil(largest / batch_size)
+    taps, tic = key_taps(keys), time.perf_counter()
+    try:
+        for i in range(rounds):
+            a, b = min(lo + i * batch_size, hi), min(lo + (i + 1) * batch_size, hi)
+            values = {}
+            if a < b:
+                x = data.images[a:b].to(device, non_blocking=True)
+                values = output_values(keys, model.forward_all(transform(x), taps=taps))
+            got = gather_to_main((a, b - a, values))
+            if writer is not None and got is not None:
+                for start, _, vals in got:
+                    writer.write_values(start, vals)
+                if progress is not None:
+                    progress(sum(rows for _, rows, _ in got))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    seconds = time.perf_counter() - tic
+    if writer is not None:
+        writer.commit(seconds, str(device))
+    return seconds

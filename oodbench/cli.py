@@ -81,10 +81,10 @@ def command(name: str | None = None) -> Callable[[Callable[..., Any]], Callable[
             except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
                 raise
             except Exception:
-                from oodbench.console import console
+                from oodbench.console import errors
 
-                console.print_exception()
-                console.print(f"[bold red]unexpected error:[/] {REPORT_BUGS}")
+                errors.print_exception()
+                errors.print(f"[bold red]unexpected error:[/] {REPORT_BUGS}")
                 raise typer.Exit(1) from None
 
         return app.command(name)(wrapper)
@@ -105,6 +105,19 @@ SeedFilter = Annotated[int | None, typer.Option(metavar="N",
     help="Without a run folder: only this seed.")]
 BatchSize = Annotated[int | None, typer.Option(metavar="N",
     help="Inference batch size (default: the fastest one, measured once on this device).")]
+
+
+CompileModel = Annotated[bool, typer.Option(
+    "--compile", metavar="",
+    help="torch.compile the model for training (off by default; mainly for CUDA, where it "
+         "pays back its compile time on long runs).")]
+
+
+NprocPerNode = Annotated[int | None, typer.Option(
+    "--nproc-per-node", metavar="N",
+    help="Train as N DistributedDataParallel processes on this machine (launches torchrun; gloo "
+         "on CPU, nccl with one GPU each on CUDA). Not needed under `torchrun ... -m oodbench "
+         "train`.")]
 
 
 FailUnder = Annotated[list[str] | None, typer.Option(
@@ -157,19 +170,38 @@ def train(
         "--mixed-precision/--no-mixed-precision", metavar="",
         help="Mixed precision + channels_last (default: on for CUDA; never used on CPU).")
     ] = None,
+    compile_model: CompileModel = False,
+    nproc_per_node: NprocPerNode = None,
 ) -> None:
     """Train one model with one loss; resumes if the run folder holds an unfinished checkpoint.
 
-    Example: `oodbench train --loss dismax` · `oodbench train --benchmark mnist --seed 1`
+    Example: `oodbench train --loss dismax` · `oodbench train --benchmark mnist --seed 1` ·
+    `oodbench train --nproc-per-node 2` · `torchrun --nproc-per-node 2 -m oodbench train`
     """
-    from oodbench.console import RichTrainReporter, console, make_progress
+    from oodbench.console import console
     from oodbench.data import DataContext
-    from oodbench.experiment import pick_device
-    from oodbench.workflow import TrainRequest, prepare_run, train_run
+    from oodbench.workflow import TrainRequest, launch_training
 
-    ctx, dev = DataContext.resolve(data_root), pick_device(device)  # both before any write
-    run = prepare_run(TrainRequest(benchmark, loss, seed, epochs, run_dir,
-                                   _parse_options(loss_option or []), runs_root), ctx)
+    ctx = DataContext.resolve(data_root)
+    req = TrainRequest(benchmark, loss, seed, epochs, run_dir, _parse_options(loss_option or []),
+                       runs_root)
+    if nproc_per_node is not None and nproc_per_node != 1:
+        _launch(lambda: launch_training(req, ctx, device, nproc_per_node, mixed_precision,
+                                        compile_model, console.print))
+    else:
+        _train_here(req, ctx, device, mixed_precision, compile_model)
+
+
+def _train_here(req: Any, ctx: Any, device: str, mixed_precision: bool | None,
+                compile_model: bool) -> None:
+    """`train` in this process (one of torchrun's, or alone), printing on rank 0 only."""
+    from oodbench.console import RichTrainReporter, console, make_progress
+    from oodbench.distributed import join
+    from oodbench.experiment import pick_device
+    from oodbench.workflow import prepare_run, train_run
+
+    dev = join(pick_device(device))  # under torchrun: this rank's device, the group joined
+    run = prepare_run(req, ctx)  # both before any write
     cfg = run.config()
     label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"
     if run.is_trained():
@@ -179,12 +211,28 @@ def train(
                   f"{cfg.benchmark.train.epochs} epochs → {run.path}")
     try:
         with make_progress() as p:
-            history = train_run(run, ctx, dev, RichTrainReporter(p, label), mixed_precision)
+            history = train_run(run, ctx, dev, RichTrainReporter(p, label), mixed_precision,
+                                compile_model)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted; checkpoint saved. Run the same command to resume "
                       f"({run.path}).")
         raise typer.Exit(130) from None
     console.print(f"[green]done[/] {label}: val accuracy {history[-1]['val_accuracy']:.1%}")
+
+
+def _launch(start: Callable[[], int]) -> None:
+    """Run a torchrun launch; its exit code is ours (a Ctrl-C: 130)."""
+    from oodbench.console import console
+
+    try:
+        code = start()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted. Run the same command to resume from the last "
+                      "checkpoint.")
+        raise typer.Exit(130) from None
+    if code:
+        console.print(f"[bold red]torchrun exited with code {code}[/] (its output is above)")
+        raise typer.Exit(code)
 
 
 def _parse_options(items: list[str]) -> dict[str, object]:
@@ -249,13 +297,16 @@ def calibrate(
     """
     from oodbench.console import out, progress_factory
     from oodbench.data import DataContext
+    from oodbench.distributed import join
     from oodbench.experiment import pick_device
     from oodbench.pipeline import calibrate_run
 
-    ctx, dev = DataContext.resolve(data_root), pick_device(device)
+    ctx, dev = DataContext.resolve(data_root), join(pick_device(device))
     for run in _runs(run_dir, runs_root, benchmark, loss, seed):
         with progress_factory() as pf:
             res = calibrate_run(run, ctx, dev, objective, pf, batch_size)
+        if res is None:  # a torchrun rank other than 0: its share is done, rank 0 reports
+            continue
         t = Table(title=f"calibration of {run.path} on {res['split']} ({res['n']} samples)")
         for c in ("", "accuracy", "ECE", "NLL"):
             t.add_column(c, justify="right")
@@ -335,7 +386,9 @@ def score(
     """Score detectors on the in-distribution test set and every OOD set; write metrics.json.
 
     Forward outputs are cached in the run folder, so scoring again (or with other gradient-free
-    detectors) runs no forward pass; ODIN's clean forward also fills the cache.
+    detectors) runs no forward pass; ODIN's clean forward also fills the cache. Under
+    `torchrun --nproc-per-node N -m oodbench score ...` each set's forward pass is split across
+    the processes and rank 0 alone writes and reports.
 
     Example: `oodbench score --detector odin` (every run under runs/) ·
     `oodbench score runs/digits/dismax-seed0 -d msp -d mmles` ·
@@ -343,18 +396,21 @@ def score(
     """
     from oodbench.console import progress_factory
     from oodbench.data import DataContext
+    from oodbench.distributed import join
     from oodbench.experiment import pick_device
     from oodbench.pipeline import score_run
 
     if forget:
         _forget(_runs(run_dir, runs_root, benchmark, loss, seed), forget)
         return
-    ctx, dev, params = DataContext.resolve(data_root), pick_device(device), parse_params(param)
-    bad = []
+    ctx, dev = DataContext.resolve(data_root), join(pick_device(device))
+    params, bad = parse_params(param), []
     for run in _runs(run_dir, runs_root, benchmark, loss, seed):
         with progress_factory() as pf:
             m = score_run(run, ctx, dev, detector, calibrated, pf, params, selection,
                           ood_validation, batch_size, oracle)
+        if m is None:  # a torchrun rank other than 0: its share is done, rank 0 reports
+            continue
         _print_scores(run.path, m)
         bad += [f"{run.path}: {d}" for d in m["scored"] if m["detectors"][d].get("nonfinite")]
     if bad:  # results are saved, but a NaN score is an input problem: say so in the exit code
@@ -508,6 +564,7 @@ def run(
     runs_root: RunsRoot = Path("runs"),
     data_root: DataRoot = None,
     device: Device = "auto",
+    compile_model: CompileModel = False,
 ) -> None:
     """Train, calibrate, score and report a whole benchmark (every loss × seed).
 
@@ -522,7 +579,7 @@ def run(
     from oodbench.report_command import ReportOptions, run_report
     from oodbench.workflow import BenchmarkRequest, run_benchmark
 
-    req = BenchmarkRequest(benchmark, loss, seeds, epochs, runs_root)
+    req = BenchmarkRequest(benchmark, loss, seeds, epochs, runs_root, compile_model)
     if jobs > 1:
         folder = _sweep(req, DataContext.resolve(data_root), str(pick_device(device)), jobs)
     else:

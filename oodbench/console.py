@@ -1,4 +1,7 @@
-"""Rich progress bars and console for the CLI (the library itself never prints)."""
+"""Rich progress bars and console for the CLI (the library itself never prints).
+
+Under torchrun only rank 0 prints and draws progress bars: the other ranks' consoles are quiet
+(`errors` still shows a bug's traceback from any rank)."""
 
 from __future__ import annotations
 
@@ -15,16 +18,18 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from oodbench.distributed import is_main_process
 from oodbench.progress import EpochStats, StepReporter
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, quiet=not is_main_process())
+out = Console(quiet=not is_main_process())
+errors = Console(stderr=True)
 
 
 def make_progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    console=console, transient=False)
+                    console=console, transient=False, disable=not is_main_process())
 
 
 @contextmanager

@@ -11,6 +11,8 @@ previous version intact, and concurrent read-merge-writes of one file do not los
   removing a lock file while another process waits on it would let two holders in). Where
   `fcntl` does not exist (Windows) it does not lock: concurrent updates are then unsafe there.
 - `update_json(path, merge)` is the read-merge-write of a JSON file under that lock.
+- Under torchrun only rank 0 writes: the writers here refuse another rank's write
+  (`oodbench.distributed.check_may_write`), and other ranks never remove temporaries.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from oodbench.distributed import check_may_write, is_main_process
 
 try:
     import fcntl
@@ -71,6 +75,7 @@ def _final_mode(path: Path) -> int:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)`, then rename tmp over `path` (same folder: an atomic rename)."""
     path = Path(path)
+    check_may_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=temp_tag(), dir=path.parent)
     os.close(fd)
@@ -115,6 +120,7 @@ def locked(path: Path) -> Iterator[None]:
         yield
         return
     side = lock_path(path)
+    check_may_write(side)
     side.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(side, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
     try:
@@ -155,7 +161,9 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     """Delete the temporary files in `folder` (not below) left by dead processes of this host:
     a writer killed with SIGKILL cannot clean up after itself. Files of live processes, of
     other hosts, and everything else are left alone. Returns the files removed."""
-    removed = []
+    removed: list[Path] = []
+    if not is_main_process():  # another rank of a torchrun job: rank 0 cleans
+        return removed
     try:
         entries = list(os.scandir(folder))
     except OSError:

@@ -5,6 +5,11 @@ Both read the trained model once and get every dataset's forward outputs through
 output cache, so the validation, in-distribution test and OOD sets each pass through the network
 at most once per set of weights, whatever the number of detectors, and a second `score` of the
 same run runs no forward pass for gradient-free detectors.
+
+Under torchrun (`torchrun --nproc-per-node N -m oodbench score|calibrate ...`) every rank loads
+the model and the sets, the forward passes the command needs are split across the ranks
+(`scoring.sharded_forward`), and rank 0 alone writes the cache entries, then fits, selects,
+scores and writes metrics.json; the other ranks return None after their shards.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from oodbench import __version__
 from oodbench.cache import OutputCache, code_digest, model_digest
 from oodbench.calibrate import fit_temperature
 from oodbench.data import DataContext, get_dataset
+from oodbench.distributed import joined_world, main_first, on_main
 from oodbench.errors import OodbenchError
 from oodbench.experiment import build_model, check_run_config, load_in_distribution
 from oodbench.io import atomic_write, read_json, update_json, write_json
@@ -37,11 +43,13 @@ from oodbench.scoring import (
     cached_outputs,
     fit_select,
     forward_eval,
+    forward_sets,
     load_sets,
     measure_batch_size,
     no_progress,
     plan,
     score_sets,
+    sharded_forward,
 )
 
 __all__ = ["build_detectors", "calibrate_run", "load_run", "score_run"]
@@ -71,9 +79,14 @@ def load_run(run: Run, device: torch.device, progress: ProgressFactory = no_prog
 
 def choose_batch_size(lr: LoadedRun, run: Run, sample: EvalSet) -> None:
     """Measure the fastest inference batch size once per (device, threads, input shape, model
-    code) and keep it in the run's cache folder; a user's --batch-size wins."""
+    code) and keep it in the run's cache folder; a user's --batch-size wins. Under torchrun
+    rank 0 measures and writes, and every rank uses its choice (per rank, per batch)."""
     if lr.batch_size:
         return
+    lr.batch_size = on_main(lambda: _measured_batch_size(lr, run, sample))
+
+
+def _measured_batch_size(lr: LoadedRun, run: Run, sample: EvalSet) -> int:
     path = run.cache_dir / "batch_size.json"
     key = (f"{lr.device}|threads={torch.get_num_threads()}|{tuple(sample.data.shape)}|"
            f"{lr.code[:16]}")
@@ -86,21 +99,27 @@ def choose_batch_size(lr: LoadedRun, run: Run, sample: EvalSet) -> None:
         known = update_json(path, lambda old: {**(old if isinstance(old, dict) else {}),
                                                key: entry})
         lr.log.append(f"batch size {best} measured ({entry['images_per_second']} img/s)")
-    lr.batch_size = int(known[key]["batch_size"])
+    return int(known[key]["batch_size"])
 
 
 def calibrate_run(run: Run, ctx: DataContext, device: torch.device, objective: str = "nll",
                   progress: ProgressFactory = no_progress,
-                  batch_size: int | None = None) -> dict[str, Any]:
-    """Fit the temperature on the validation split and store it in calibration.json."""
+                  batch_size: int | None = None) -> dict[str, Any] | None:
+    """Fit the temperature on the validation split and store it in calibration.json. Under
+    torchrun the validation forward pass is split across the ranks and rank 0 fits and writes;
+    the other ranks return None."""
     from oodbench.data import InputTransform
     from oodbench.experiment import in_distribution_info
 
     cfg = run.config()
     lr = load_run(run, device, progress, batch_size)
-    val = EvalSet(load_in_distribution(cfg, "val", ctx).to(device),
-                  InputTransform.for_model(in_distribution_info(cfg)), "val")
+    with main_first():
+        val = EvalSet(load_in_distribution(cfg, "val", ctx).to(device),
+                      InputTransform.for_model(in_distribution_info(cfg)), "val")
     choose_batch_size(lr, run, val)
+    sharded_forward(lr, [(val, frozenset())])
+    if not joined_world().main:
+        return None
     out = cached_outputs(lr, val, frozenset())
     result = fit_temperature(out.logits, out.labels, objective)
     result.update(split="val", n=len(val.data), weights=lr.weights)
@@ -143,7 +162,7 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
               progress: ProgressFactory = no_progress,
               params: dict[str, dict[str, Any]] | None = None, selection: str | None = None,
               ood_validation: str | None = None, batch_size: int | None = None,
-              oracle: str | None = None) -> dict[str, Any]:
+              oracle: str | None = None) -> dict[str, Any] | None:
     """Score detectors on the in-distribution test set and every OOD set; write the scores and
     metrics.json (merged with the results of detectors scored earlier on the same weights).
 
@@ -152,7 +171,8 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
     content, from every test set) only for detectors in "ood" selection mode. All fitting and
     selection is done before any test set is handed to a detector. `oracle` (an OOD test
     set's name) lets detectors with a hyperparameter grid select on that test set: an oracle
-    choice, recorded as such and labelled in the report, never the default."""
+    choice, recorded as such and labelled in the report, never the default. Under torchrun
+    the ranks share the forward passes and rank 0 does the rest (the others return None)."""
     cfg = run.config()
     lr = load_run(run, device, progress, batch_size)
     temperature, calibration = _temperature(run, lr, calibrated)
@@ -160,8 +180,12 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
                            oracle=oracle is not None)
     p = plan(dets, lr.model.block_names, temperature, calibrated, ood_validation, oracle)
     _check_blocks(p, cfg.benchmark.model)
-    sets: SetBundle = load_sets(cfg, p, ctx, device)
+    with main_first():  # rank 0 decodes (and caches) the data; the others then read it
+        sets: SetBundle = load_sets(cfg, p, ctx, device)
     choose_batch_size(lr, run, sets.test)
+    sharded_forward(lr, forward_sets(p, sets))
+    if not joined_world().main:
+        return None
     setup = fit_select(lr, p, sets)
     results = [forward_eval(lr, p, es) for es in [*sets.evaluated, *sets.shifted]]
     scores = score_sets(lr, p, results)

@@ -8,6 +8,9 @@
     fit_select  → Setup       detectors fitted on in-distribution train data and their
                                hyperparameters selected on validation data, before any test set
                                is handed to a detector
+    sharded_forward           under torchrun only: every missing cache entry above and below,
+                               computed up front with each set split across the ranks; rank 0
+                               writes the entries and alone goes on from here
     forward_eval→ SetResult   per test / OOD set ONE forward pass: it fills the missing cache
                                keys and, when a gradient detector (ODIN, Mahalanobis with ε) is
                                scored, is that detector's clean forward too (no extra plain pass)
@@ -27,7 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from oodbench.cache import CacheEntry, EntryWriter, Outputs, cache_key, forward_into
+from oodbench.cache import (
+    CacheEntry,
+    EntryWriter,
+    Outputs,
+    cache_key,
+    forward_into,
+    forward_sharded,
+)
 from oodbench.config import OODSet, RunConfig
 from oodbench.data import (
     DataContext,
@@ -39,6 +49,7 @@ from oodbench.data import (
 from oodbench.detectors import DETECTORS, Detector, DetectorInput, NotApplicable
 from oodbench.detectors.base import ORACLE_MODE
 from oodbench.detectors.gradients import frozen
+from oodbench.distributed import all_sum, joined_world, on_main
 from oodbench.errors import OodbenchError
 from oodbench.experiment import (
     in_distribution_info,
@@ -295,6 +306,8 @@ class LoadedRun:
     imported: dict[str, Any] | None = None  # set for runs made by `import-checkpoint`
     images_forwarded: int = 0
     log: list[str] = field(default_factory=list)
+    # entry folder name → (seconds, keys) of the entries this command's sharded pass wrote
+    sharded: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
     head: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -367,8 +380,9 @@ def cached_outputs(lr: LoadedRun, es: EvalSet, keys: frozenset[str]) -> Outputs:
     missing = entry.missing(keys)
     if missing:
         fill_missing(lr, es, entry, missing)
+    done = lr.sharded.pop(entry.path.name, None)
     lr.log.append(f"{es.label}: " + (f"forward pass ({_describe(missing)})" if missing
-                                    else "from the cache"))
+                                    else _sharded_note(done) if done else "from the cache"))
     return entry.load(keys)
 
 
@@ -378,12 +392,20 @@ def _describe(keys: list[str]) -> str:
     return ", ".join(x for x in (base, f"{len(blocks)} block summaries" if blocks else "") if x)
 
 
+def _sharded_note(done: tuple[float, list[str]]) -> str:
+    return (f"forward pass ({_describe(done[1])}) split over "
+            f"{joined_world().size} processes")
+
+
 def forward_eval(lr: LoadedRun, p: Plan, es: EvalSet) -> SetResult:
     """One pass over a test / OOD set: fills the cache keys it lacks and, when the plan has
-    gradient detectors, scores them from the same (gradient-recording) forward."""
+    gradient detectors, scores them from the same (gradient-recording) forward. Under torchrun
+    the cache was filled by the sharded pass (`sharded_forward`), whose time is the record's,
+    and the gradient detectors run on rank 0 alone (their recorded forward, timed here)."""
     entry = lr.entry(es)
     missing = entry.missing(p.eval_keys)
-    result = SetResult(es, None, 0.0, True, missing)  # type: ignore[arg-type]
+    done = lr.sharded.pop(entry.path.name, None)
+    result = SetResult(es, None, 0.0, True, missing or (done[1] if done else []))  # type: ignore[arg-type]
     if p.shared:
         writer = EntryWriter(entry, missing, es.data.labels, es.name) if missing else None
         try:
@@ -396,15 +418,65 @@ def forward_eval(lr: LoadedRun, p: Plan, es: EvalSet) -> SetResult:
             writer.commit(result.forward_seconds, str(lr.device))
     elif missing:
         result.forward_seconds = fill_missing(lr, es, entry, missing)
+    elif done:
+        result.forward_seconds = done[0]
     else:  # nothing ran: the time stored with the entry is the reference
         result.timed_here = False
         result.forward_seconds = float(entry.meta().get("forward_seconds", 0.0))
     what = [_describe(missing)] if missing else []
     what += [f"shared with {', '.join(p.shared)}"] if p.shared else []
-    lr.log.append(f"{es.label}: " + (f"forward pass ({'; '.join(what)})" if what
-                                    else "from the cache"))
+    line = f"forward pass ({'; '.join(what)})" if what else "from the cache"
+    if done:
+        line = _sharded_note(done) + (f"; {', '.join(p.shared)} on rank 0" if p.shared else "")
+    lr.log.append(f"{es.label}: {line}")
     result.outputs = entry.load(p.eval_keys)
     return result
+
+
+def forward_sets(p: Plan, sets: SetBundle) -> list[tuple[EvalSet, frozenset[str]]]:
+    """Every (set, cached outputs) the scoring phases will read, in the order they read them."""
+    wanted = []
+    if p.fitting and sets.train is not None:
+        wanted.append((sets.train, p.fit_keys))
+    if p.selecting and sets.val is not None:
+        wanted.append((sets.val, p.select_keys))
+    if p.wants_ood_validation and sets.ood_val is not None:
+        wanted.append((sets.ood_val, p.select_keys))
+    return wanted + [(es, p.eval_keys) for es in [*sets.evaluated, *sets.shifted]]
+
+
+def sharded_forward(lr: LoadedRun, wanted: list[tuple[EvalSet, frozenset[str]]]) -> None:
+    """Under torchrun, before anything else: each missing cache entry of `wanted` in one no-grad
+    pass split across the ranks (`cache.forward_sharded`: contiguous shards, gathered on rank 0,
+    which writes the entry once). Rank 0 decides what is missing before any entry is written,
+    so every rank runs the same passes. Afterwards rank 0 finds every output in the cache and
+    goes on alone; `images_forwarded` counts every rank's images. No-op for one process."""
+    w = joined_world()
+    if not w.distributed:
+        return
+    todo = on_main(lambda: _missing_entries(lr, wanted))
+    for i, missing in todo:
+        es = wanted[i][0]
+        entry = lr.entry(es)
+        seconds = forward_sharded(lr.model, es.data, es.transform, missing, entry, lr.device,
+                                  lr.batch_size, w, lr.progress(f"forward {es.label}",
+                                                                len(es.data)))
+        lr.sharded[entry.path.name] = (seconds, missing)
+    count = torch.tensor([lr.images_forwarded], device=lr.device)
+    lr.images_forwarded = int(all_sum(count).item())
+
+
+def _missing_entries(lr: LoadedRun, wanted: list[tuple[EvalSet, frozenset[str]]]
+                     ) -> list[tuple[int, list[str]]]:
+    """(index into `wanted`, missing keys) per cache entry that lacks some; a set wanted
+    twice (with different keys) is one entry, asked for the union."""
+    keys: dict[str, tuple[int, set[str]]] = {}
+    for i, (es, k) in enumerate(wanted):
+        name = lr.entry(es).path.name
+        first, union = keys.get(name, (i, set()))
+        keys[name] = (first, union | k)
+    out = [(i, lr.entry(wanted[i][0]).missing(k)) for i, k in keys.values()]
+    return [(i, m) for i, m in out if m]
 
 
 PROBE_EVERY = 8  # one batch in this many is also run plainly (no gradient), to time the plain pass

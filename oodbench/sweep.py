@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from oodbench.data import DataContext
+from oodbench.distributed import refuse_under_torchrun
 from oodbench.runs import Run
 from oodbench.workflow import BenchmarkRequest, benchmark_runs
 
@@ -55,11 +56,12 @@ class Job:
         return f"{cfg.loss}/seed{cfg.seed}"
 
 
-def _job(run: Run, ctx: DataContext, device: str) -> Job:
+def _job(run: Run, ctx: DataContext, device: str, compile_model: bool = False) -> Job:
     common = ["--data-root", str(ctx.root), "--device", device]
     base = [sys.executable, "-m", "oodbench"]
     path = str(run.path)
-    return Job(run, [("training", [*base, "train", "--run-dir", path, *common]),
+    train = [*base, "train", "--run-dir", path, *common, *(["--compile"] if compile_model else [])]
+    return Job(run, [("training", train),
                      ("calibrating", [*base, "calibrate", path, *common]),
                      ("scoring", [*base, "score", path, *common])])
 
@@ -83,13 +85,14 @@ def run_sweep(req: BenchmarkRequest, ctx: DataContext, device: str, jobs: int,
               on_status: Status) -> tuple[Path, list[Job]]:
     """Run the benchmark's unfinished runs, `jobs` at a time; returns the benchmark's runs
     folder and the jobs that ran (each with its return code)."""
+    refuse_under_torchrun("oodbench run --jobs")
     runs = benchmark_runs(req, ctx)
     todo = []
     for run in runs:
         if is_complete(run):
             on_status(_job(run, ctx, device).label, "complete: skipped")
         else:
-            todo.append(_job(run, ctx, device))
+            todo.append(_job(run, ctx, device, req.compile_model))
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     pending, active = list(todo), []

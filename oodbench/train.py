@@ -19,20 +19,42 @@ before.
 
 On CUDA the loop uses mixed precision (bfloat16 autocast; float16 + loss scaling where bf16 is
 unsupported) and channels_last memory layout; on CPU/MPS it runs in float32, bit-reproducibly.
+`compile_model` wraps the training forward in `torch.compile` (off by default).
+
+Under torchrun (`oodbench.distributed`) the model is wrapped in DistributedDataParallel. Every
+rank holds the whole training set on its device, draws the same permutation and step seeds, and
+takes its contiguous slice of each global batch of `batch_size` (with the crops and flips that
+slice gets in the undivided batch, `augment(rows=...)`); the loss of a rank's slice is weighted
+by its share, so DDP's gradient average is the global batch's. What differs from one process:
+BatchNorm normalises each rank's slice with that slice's statistics (the running statistics are
+rank 0's, which DDP broadcasts every step), and batch-level loss preprocessing (DisMax's mosaics)
+mixes images within a rank's slice. Running sums (loss, accuracy) are summed over the ranks every
+step, validation is sharded and summed, and only rank 0 writes checkpoints and the manifest, so a
+checkpoint does not depend on the number of processes and resumes under any.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from oodbench.config import RunConfig, TrainConfig
 from oodbench.data import DataContext, ImageSet, InputTransform, augment
+from oodbench.distributed import (
+    active,
+    all_sum,
+    broadcast_buffers,
+    joined_world,
+    main_first,
+)
 from oodbench.errors import OodbenchError
 from oodbench.experiment import (
     build_model,
@@ -41,6 +63,7 @@ from oodbench.experiment import (
     load_outliers,
 )
 from oodbench.losses import LOSSES, OUTLIER_TARGET, Criterion
+from oodbench.models import Classifier, ModelOutput
 from oodbench.progress import EpochStats, StepReporter
 from oodbench.runs import Run, load_weights
 
@@ -78,12 +101,62 @@ def learning_rate(t: TrainConfig, global_step: int, steps_per_epoch: int) -> flo
 @torch.no_grad()
 def evaluate_accuracy(model: torch.nn.Module, data: ImageSet, transform: InputTransform,
                       batch_size: int = 512) -> float:
+    """Top-1 accuracy. Under torchrun each rank evaluates its contiguous shard and the counts
+    are summed, so every rank returns the whole set's accuracy."""
     model.eval()
+    lo, hi = joined_world().shard(len(data))
     correct = 0
-    for s in range(0, len(data), batch_size):
-        logits = model(transform(data.images[s:s + batch_size]))
-        correct += int((logits.argmax(1) == data.labels[s:s + batch_size]).sum())
+    for s in range(lo, hi, batch_size):
+        e = min(s + batch_size, hi)
+        logits = model(transform(data.images[s:e]))
+        correct += int((logits.argmax(1) == data.labels[s:e]).sum())
+    if active():
+        correct = int(all_sum(torch.tensor([correct], device=data.images.device)).item())
     return correct / len(data)
+
+
+class _ForwardAll(torch.nn.Module):
+    """`model.forward_all(x, aux=...)` as a module's `forward`: DistributedDataParallel syncs
+    gradients, and torch.compile compiles, through `forward` only, and the loss needs
+    forward_all's auxiliary outputs (the log-softmax entropy)."""
+
+    def __init__(self, model: Classifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, aux: tuple[str, ...]) -> ModelOutput:
+        return self.model.forward_all(x, aux=aux)
+
+
+def training_forward(model: Classifier, device: torch.device,
+                     compile_model: bool = False) -> torch.nn.Module:
+    """The module the loop calls: forward_all, in DDP under torchrun, compiled when asked. The
+    checkpoint saves `model` itself, so it holds no wrapper prefixes."""
+    fwd: torch.nn.Module = _ForwardAll(model)
+    if active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        # A convolution over one input channel gets a gradient whose size-1 dimension has
+        # another stride than its parameter's: the same memory order, which DDP warns about.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+        fwd = DistributedDataParallel(
+            fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        fwd = torch.compile(fwd)  # type: ignore[assignment]
+    return fwd
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """A second Ctrl-C (or torchrun forwarding the first one) must not cut the save short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _checkpoint(model, optimizer, epoch: int, step: int, history: list[dict[str, Any]],
@@ -121,37 +194,50 @@ def save_checkpoint(run: Run, state: dict[str, Any]) -> None:
     atomic_write(run.checkpoint_path, lambda p: torch.save(state, p))
 
 
+def check_batch_split(batch_size: int, processes: int) -> None:
+    """Each process's slice of a batch needs 2 images (BatchNorm in training mode)."""
+    if batch_size < 2 * processes:
+        raise OodbenchError(
+            f"a batch of {batch_size} split over {processes} processes leaves fewer than 2 "
+            "images per process (BatchNorm needs 2)",
+            f"use at most {max(1, batch_size // 2)} processes, or a larger batch_size")
+
+
 class _Trainer:
     """One run's training state and its steps; `train` drives it. Split so each piece (setup,
     resume, a step, an epoch) reads on its own; the arithmetic is the loop's, unchanged."""
 
     def __init__(self, run: Run, ctx: DataContext, device: torch.device,
                  mixed_precision: bool | None) -> None:
-        self.run, self.device = run, device
+        self.run, self.device, self.world = run, device, joined_world()
         self.cfg: RunConfig = run.config()
         t = self.t = self.cfg.benchmark.train
         self.transform = InputTransform.for_model(in_distribution_info(self.cfg))
-        self.train_set = load_in_distribution(self.cfg, "train", ctx).to(device)
-        self.val_set = load_in_distribution(self.cfg, "val", ctx).to(device)
+        with main_first():  # rank 0 decodes (and caches) the data; the others then read it
+            self.train_set = load_in_distribution(self.cfg, "train", ctx).to(device)
+            self.val_set = load_in_distribution(self.cfg, "val", ctx).to(device)
         torch.manual_seed(self.cfg.seed)
         self.amp_dtype = precision_for(device, mixed_precision)
         self.model = build_model(self.cfg).to(device)
         if self.amp_dtype is not None:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = make_criterion(self.cfg).to(device)
-        self.outliers = (load_outliers(self.cfg, ctx).to(device)
-                         if self.criterion.needs_outliers else None)
+        with main_first():
+            self.outliers = (load_outliers(self.cfg, ctx).to(device)
+                             if self.criterion.needs_outliers else None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=t.lr, momentum=t.momentum,
                                          nesterov=t.nesterov, weight_decay=t.weight_decay)
         self.n = len(self.train_set)
         self.bs = min(t.batch_size, self.n)
+        check_batch_split(self.bs, self.world.size)
         # drop the ragged last batch: BatchNorm needs real batches
         self.steps_per_epoch = max(1, self.n // self.bs)
         ratio = self.cfg.benchmark.outliers.ratio if self.outliers is not None else 0.0
         self.outlier_bs = max(1, round(self.bs * ratio))
         self.epoch, self.step, self.history = 0, 0, []
         self.partial: dict[str, Any] = {"loss_sum": 0.0, "correct": 0.0, "seen": 0}
+        self.forward: torch.nn.Module = _ForwardAll(self.model)
 
     def resume(self) -> bool:
         """Load the checkpoint's position; True when the run is already finished."""
@@ -171,15 +257,21 @@ class _Trainer:
         return False
 
     def save(self, finished: bool = False) -> None:
-        save_checkpoint(self.run, _checkpoint(self.model, self.optimizer, self.epoch, self.step,
-                                              self.history, finished, self.partial, self.scaler))
+        """Rank 0 alone writes (atomically); the checkpoint holds the unwrapped model."""
+        if self.world.main:
+            save_checkpoint(self.run, _checkpoint(self.model, self.optimizer, self.epoch,
+                                                  self.step, self.history, finished,
+                                                  self.partial, self.scaler))
 
     def train_step(self, perm: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor, int]:
-        """One optimiser step on the step's batch; returns (loss, output, targets, batch size)."""
+        """One optimiser step on this rank's slice of the step's batch; returns (loss, output,
+        targets, in-distribution rows of the slice)."""
         t = self.t
         torch.manual_seed(step_seed(self.cfg.seed, self.epoch, self.step))
-        idx = perm[self.step * self.bs:(self.step + 1) * self.bs]
-        x = augment(self.train_set.images[idx], t.crop_padding, t.flip)
+        batch = perm[self.step * self.bs:(self.step + 1) * self.bs]
+        lo, hi = self.world.shard(len(batch))
+        idx = batch[lo:hi]
+        x = augment(self.train_set.images[idx], t.crop_padding, t.flip, rows=(lo, len(batch)))
         x, targets = self.criterion.preprocess(self.transform(x), self.train_set.labels[idx])
         if self.outliers is not None:
             x, targets = self.with_outliers(x, targets)
@@ -190,10 +282,11 @@ class _Trainer:
                                         self.steps_per_epoch)
         with (torch.autocast(self.device.type, dtype=self.amp_dtype)
               if self.amp_dtype is not None else contextlib.nullcontext()):
-            out = self.model.forward_all(x, aux=self.criterion.aux)
+            out = self.forward(x, self.criterion.aux)
             loss = self.criterion.training_loss(out, targets)
+        share = len(idx) * self.world.size / len(batch)  # 1 unless the slices are unequal
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss if share == 1 else loss * share).backward()
         if self.criterion.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.criterion.max_grad_norm)
@@ -204,44 +297,57 @@ class _Trainer:
 
     def with_outliers(self, x: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch with this step's auxiliary outliers appended (target -1). The draw has its
-        own generator seeded from the step; the augmentation uses the reseeded global RNG after
-        the batch's own, so both replay exactly after a resume."""
+        """The batch with this step's auxiliary outliers appended (target -1): this rank's slice
+        of the step's draw. The draw has its own generator seeded from the step; the
+        augmentation uses the reseeded global RNG after the batch's own, so both replay exactly
+        after a resume."""
         assert self.outliers is not None
         g = torch.Generator().manual_seed(
             (step_seed(self.cfg.seed, self.epoch, self.step) + OUTLIER_SEED_SALT) % MAX_STEP_SEED)
-        idx = torch.randperm(len(self.outliers), generator=g)[:self.outlier_bs].to(self.device)
-        xo = self.transform(augment(self.outliers.images[idx], self.t.crop_padding, self.t.flip))
+        drawn = torch.randperm(len(self.outliers), generator=g)[:self.outlier_bs]
+        lo, hi = self.world.shard(len(drawn))
+        idx = drawn[lo:hi].to(self.device)
+        xo = self.transform(augment(self.outliers.images[idx], self.t.crop_padding, self.t.flip,
+                                    rows=(lo, len(drawn))))
         yo = torch.full((len(idx),), OUTLIER_TARGET, dtype=targets.dtype, device=targets.device)
         return torch.cat([x, xo.to(x.dtype)]), torch.cat([targets, yo])
 
+    def step_sums(self, loss: torch.Tensor, out: Any, targets: torch.Tensor, k: int
+                  ) -> torch.Tensor:
+        """(loss × rows, correct, rows, counted rows) of the step, summed over the ranks.
+        Accuracy counts only rows with one hard class (`clean_rows`)."""
+        clean = clean_rows(targets)
+        hard = targets if targets.dim() == 1 else targets[:, 0]
+        right = ((out.logits.detach().argmax(1) == hard) & clean).sum()
+        rows = torch.full((), float(k), dtype=torch.float64, device=self.device)
+        return all_sum(torch.stack([loss.detach().double() * k, right.double(), rows,
+                                    clean.sum().double()]))
+
     def run_epoch(self, reporter: StepReporter, after_step: Callable[[], None]) -> EpochStats:
         """The rest of the current epoch (from a mid-epoch position after a resume)."""
-        dev = self.device
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(
-            step_seed(self.cfg.seed, self.epoch))).to(dev)
+            step_seed(self.cfg.seed, self.epoch))).to(self.device)
         self.model.train()
         self.criterion.train()
         p = self.partial
-        loss_sum = torch.full((), p["loss_sum"], device=dev, dtype=torch.float64)
-        correct = torch.full((), p["correct"], device=dev, dtype=torch.float64)
-        seen, counted = int(p["seen"]), int(p.get("counted", p["seen"]))
+        sums = torch.tensor([p["loss_sum"], p["correct"], p["seen"],
+                             p.get("counted", p["seen"])], dtype=torch.float64, device=self.device)
         seen_now, tic = 0, time.perf_counter()  # images this call, for the speed
         while self.step < self.steps_per_epoch:
-            loss, out, targets, k = self.train_step(perm)
-            seen, seen_now = seen + k, seen_now + k
-            loss_sum += loss.detach().double() * k
-            clean = clean_rows(targets)
-            counted += int(clean.sum())
-            hard = targets if targets.dim() == 1 else targets[:, 0]
-            correct += ((out.logits.detach().argmax(1) == hard) & clean).sum()
-            reporter.step(float(loss.detach()), float(correct) / max(counted, 1),
+            step = self.step_sums(*self.train_step(perm))
+            sums += step
+            loss_sum, correct, seen, counted = sums.tolist()
+            step_loss, rows = step[:3:2].tolist()
+            seen_now += int(rows)
+            reporter.step(step_loss / rows, correct / max(counted, 1),
                           seen_now / max(time.perf_counter() - tic, 1e-9))
-            self.partial = {"loss_sum": float(loss_sum), "correct": float(correct),
-                            "seen": seen, "counted": counted}
+            self.partial = {"loss_sum": loss_sum, "correct": correct,
+                            "seen": int(seen), "counted": int(counted)}
             after_step()
-        return EpochStats(self.epoch + 1, float(loss_sum) / max(seen, 1),
-                          float(correct) / max(counted, 1),
+        broadcast_buffers(self.model)  # rank 0's statistics: the ones the checkpoint holds
+        p = self.partial
+        return EpochStats(self.epoch + 1, p["loss_sum"] / max(p["seen"], 1),
+                          p["correct"] / max(p["counted"], 1),
                           evaluate_accuracy(self.model, self.val_set, self.transform),
                           seen_now / max(time.perf_counter() - tic, 1e-9))
 
@@ -250,17 +356,20 @@ def train(run: Run, ctx: DataContext, device: torch.device,
           reporter: StepReporter | None = None,
           stop_after_steps: int | None = None,
           on_step: Callable[[int], None] | None = None,
-          mixed_precision: bool | None = None) -> list[dict[str, Any]]:
+          mixed_precision: bool | None = None,
+          compile_model: bool = False) -> list[dict[str, Any]]:
     """Train (or resume) the run to the end of its schedule; returns the per-epoch history.
 
     `stop_after_steps` simulates an interruption (tests): the loop saves a mid-epoch checkpoint
     and raises KeyboardInterrupt after that many steps in this call. `mixed_precision` (default:
-    on for CUDA) also switches on channels_last; it is ignored off CUDA.
+    on for CUDA) also switches on channels_last; it is ignored off CUDA. Under torchrun only
+    rank 0 reports to `reporter` and writes.
     """
     tr = _Trainer(run, ctx, device, mixed_precision)
     if tr.resume():
         return tr.history
-    reporter = reporter or StepReporter()
+    tr.forward = training_forward(tr.model, device, compile_model)
+    reporter = (reporter or StepReporter()) if tr.world.main else StepReporter()
     reporter.start(tr.t.epochs, tr.steps_per_epoch, tr.epoch, tr.step)
     calls = {"steps": 0, "saved": time.monotonic()}
 
@@ -284,12 +393,14 @@ def train(run: Run, ctx: DataContext, device: torch.device,
             calls["saved"] = time.monotonic()
             reporter.epoch_end(stats)
     except KeyboardInterrupt:
-        tr.save()
+        with _sigint_ignored():
+            tr.save()
         raise
-    sets = {"train": tr.train_set, "val": tr.val_set}
-    if tr.outliers is not None:
-        sets["outliers"] = tr.outliers
-    write_manifest(run, device, sets, tr.history)
+    if tr.world.main:
+        sets = {"train": tr.train_set, "val": tr.val_set}
+        if tr.outliers is not None:
+            sets["outliers"] = tr.outliers
+        write_manifest(run, device, sets, tr.history, tr.world.size)
     return tr.history
 
 
@@ -304,13 +415,14 @@ def make_criterion(cfg: RunConfig) -> Criterion:
 
 
 def write_manifest(run: Run, device: torch.device, data: dict[str, ImageSet],
-                   history: list[dict[str, Any]]) -> None:
-    """Provenance of the trained weights: versions, device, data fingerprints, final numbers."""
+                   history: list[dict[str, Any]], processes: int = 1) -> None:
+    """Provenance of the trained weights: versions, device (and the number of processes of a
+    torchrun job), data fingerprints, final numbers."""
     from oodbench.io import write_json
     from oodbench.pipeline import environment
 
     write_json(run.manifest_path, {
-        "environment": {**environment(), "device": str(device)},
+        "environment": {**environment(), "device": str(device), "processes": processes},
         "data": {k: {"name": d.name, "n": len(d), "sha256": d.fingerprint()}
                  for k, d in data.items()},
         "epochs": len(history),

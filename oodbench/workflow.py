@@ -16,17 +16,19 @@ import torch
 from oodbench.config import BenchmarkConfig, RunConfig
 from oodbench.data import DataContext
 from oodbench.data.availability import require_benchmark_data
+from oodbench.distributed import launch, on_main, refuse_under_torchrun, world
 from oodbench.errors import OodbenchError
 from oodbench.experiment import (
     check_benchmark_sets,
     check_run_config,
     load_checked_benchmark,
+    pick_device,
     with_absolute_folders,
 )
 from oodbench.pipeline import calibrate_run, score_run
 from oodbench.runs import Run, default_run_dir
 from oodbench.scoring import ProgressFactory, no_progress
-from oodbench.train import StepReporter, make_criterion, train
+from oodbench.train import StepReporter, check_batch_split, make_criterion, train
 
 Say = Callable[[str], None]
 
@@ -71,7 +73,15 @@ def run_config(bench: BenchmarkConfig, loss: str, seed: int, epochs: int | None 
 
 def prepare_run(req: TrainRequest, ctx: DataContext) -> Run:
     """The run folder `train` works in: the existing one (resume), or a new one whose config
-    is written only after the config and the benchmark's data were checked."""
+    is written only after the config and the benchmark's data were checked. Under torchrun
+    rank 0 prepares it and the other ranks open the same folder (rank 0's input error is
+    every rank's)."""
+    if world().distributed:
+        return Run.open(on_main(lambda: _prepare_run(req, ctx).path))
+    return _prepare_run(req, ctx)
+
+
+def _prepare_run(req: TrainRequest, ctx: DataContext) -> Run:
     if req.run_dir is not None and (req.run_dir / "config.yaml").exists() and not req.explicit:
         run = Run.open(req.run_dir)
         make_criterion(check_run_config(run.config(), str(run.config_path)))
@@ -86,11 +96,41 @@ def prepare_run(req: TrainRequest, ctx: DataContext) -> Run:
 
 def train_run(run: Run, ctx: DataContext, device: torch.device,
               reporter: StepReporter | None = None,
-              mixed_precision: bool | None = None) -> list[dict[str, Any]]:
+              mixed_precision: bool | None = None,
+              compile_model: bool = False) -> list[dict[str, Any]]:
     """Train (or resume) a prepared run; a finished run returns its stored history."""
     if run.is_trained():
         return list(run.require_checkpoint().get("history", []))
-    return train(run, ctx, device, reporter, mixed_precision=mixed_precision)
+    return train(run, ctx, device, reporter, mixed_precision=mixed_precision,
+                 compile_model=compile_model)
+
+
+def launch_training(req: TrainRequest, ctx: DataContext, device: str, nproc: int,
+                    mixed_precision: bool | None = None, compile_model: bool = False,
+                    say: Say = _quiet) -> int:
+    """`oodbench train --nproc-per-node N`: check the input and prepare the run folder here
+    (bad input exits 2 before any process starts), then train it as N torchrun processes
+    (`oodbench train --run-dir RUN` each); returns torchrun's exit code."""
+    if world().distributed:
+        raise OodbenchError("--nproc-per-node given inside a torchrun job",
+                            "drop --nproc-per-node (torchrun already started the processes)")
+    if nproc < 1:
+        raise OodbenchError(f"--nproc-per-node must be >= 1, got {nproc}")
+    dev = pick_device(device)
+    if dev.type == "cuda" and (dev.index is not None or nproc > torch.cuda.device_count()):
+        raise OodbenchError(f"--nproc-per-node {nproc} on {device}: each process takes one of "
+                            f"the {torch.cuda.device_count()} GPU(s), cuda:0 upward",
+                            "pass --device cuda with at most that many processes")
+    run = prepare_run(req, ctx)
+    check_batch_split(run.config().benchmark.train.batch_size, nproc)
+    argv = ["train", "--run-dir", str(run.path.resolve()), "--data-root",
+            str(ctx.root.resolve()), "--device", device]
+    if mixed_precision is not None:
+        argv.append("--mixed-precision" if mixed_precision else "--no-mixed-precision")
+    if compile_model:
+        argv.append("--compile")
+    say(f"{run.path}: training as {nproc} torchrun processes on {dev.type}")
+    return launch(argv, nproc)
 
 
 def find_runs(runs_root: Path = Path("runs"), benchmark: str | None = None,
@@ -124,6 +164,7 @@ class BenchmarkRequest:
     seeds: int | None = None
     epochs: int | None = None
     runs_root: Path = Path("runs")
+    compile_model: bool = False  # torch.compile each run's training forward
 
 
 def benchmark_runs(req: BenchmarkRequest, ctx: DataContext) -> list[Run]:
@@ -144,13 +185,15 @@ def run_benchmark(req: BenchmarkRequest, ctx: DataContext, device: torch.device,
                   progress: ProgressFactory = no_progress, say: Say = _quiet) -> Path:
     """Train, calibrate and score every (loss × seed) run; finished steps are skipped, so an
     interrupted `run` continues where it stopped. Returns the benchmark's runs folder."""
+    refuse_under_torchrun("oodbench run")
     runs = benchmark_runs(req, ctx)
     for run in runs:
         cfg = run.config()
         label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"
         if not run.is_trained():
             say(f"training {label} · {cfg.benchmark.train.epochs} epochs → {run.path}")
-        train_run(run, ctx, device, reporter(label) if reporter else None)
+        train_run(run, ctx, device, reporter(label) if reporter else None,
+                  compile_model=req.compile_model)
         cal = calibrate_run(run, ctx, device, "nll", progress)
         say(f"calibrated {label}: T = {cal['temperature']:.3f}")
         for warning in calibration_warnings(cal):

@@ -13,6 +13,7 @@ from oodbench.cli import app
 from oodbench.config import RunConfig, TrainConfig, load_benchmark
 from oodbench.data import DataContext
 from oodbench.errors import OodbenchError
+from oodbench.experiment import build_model
 from oodbench.losses import LOSSES
 from oodbench.runs import Run
 from oodbench.train import clean_rows, learning_rate, make_criterion, precision_for, train
@@ -131,3 +132,27 @@ def test_cli_rejects_a_loss_the_model_cannot_take(tmp_path: Path) -> None:
                                  "logsoftmax-resnet", "--run-dir", str(tmp_path / "r")])
     assert r.exit_code == 2 and "resnet20" in r.output
     assert not (tmp_path / "r").exists()
+
+
+def test_compile_flag_compiles_the_training_forward_and_saves_the_plain_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compile` goes through torch.compile (here with dynamo's eager backend: the same graph
+    capture without inductor's C++ build, so the test is fast); the checkpoint holds the plain
+    model's keys, so `score` and a resume without --compile load it."""
+    compiled: list[torch.nn.Module] = []
+    real_compile = torch.compile
+
+    def eager_compile(module: torch.nn.Module, **options: object) -> torch.nn.Module:
+        compiled.append(module)
+        return real_compile(module, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    r = CliRunner().invoke(app, ["train", "--benchmark", "digits-near", "--epochs", "1",
+                                 "--run-dir", str(tmp_path / "c"), "--device", "cpu",
+                                 "--compile"])
+    assert r.exit_code == 0, r.output
+    assert len(compiled) == 1 and hasattr(compiled[0], "model")  # the forward_all wrapper
+    state = Run.open(tmp_path / "c").require_checkpoint()
+    assert state["finished"] and state["history"][0]["loss"] == state["history"][0]["loss"]
+    plain = build_model(RunConfig(load_benchmark("digits-near"), "dismax", 0, {}))
+    assert list(state["model"]) == list(plain.state_dict())

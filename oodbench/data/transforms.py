@@ -71,21 +71,27 @@ def crop_windows(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: in
 
 
 def augment(images: torch.Tensor, crop_padding: int = 0, flip: bool = False,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None,
+            rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Random crop with zero padding and random horizontal flip, for a whole batch at once.
 
-    Works on any dtype (uint8 included) and device; no per-sample Python.
+    Works on any dtype (uint8 included) and device; no per-sample Python. `rows` = (offset,
+    total): `images` are rows offset.. of a batch of `total`; the random numbers of the whole
+    batch are drawn and this part's used, so a rank's shard gets the crops and flips it would
+    get in the undivided batch (and the generator advances as for the whole batch).
     """
     n, _, h, w = images.shape
+    offset, total = rows if rows is not None else (0, n)
+    part = slice(offset, offset + n)
     dev = images.device
     out = images
     if crop_padding > 0:
         p = crop_padding
         padded = F.pad(images, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        dy = torch.randint(0, 2 * p + 1, (total,), generator=generator)[part]
+        dx = torch.randint(0, 2 * p + 1, (total,), generator=generator)[part]
         out = crop_windows(padded, dy, dx, h, w)
     if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(dev).view(n, 1, 1, 1)
+        mask = (torch.rand(total, generator=generator)[part] < 0.5).to(dev).view(n, 1, 1, 1)
         out = torch.where(mask, out.flip(3), out)
     return out.contiguous()

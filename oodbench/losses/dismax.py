@@ -10,6 +10,12 @@ probability regularization (FPR, on by default), `preprocess` shuffles the batch
 second half into 2×2 mosaics whose four quadrants come from four samples; each mosaic's target
 puts 0.25 on each quadrant's class. Loss = (CE on the clean half + alpha · KL(target ‖ p) on the
 mosaic half) / 2.
+
+Under DistributedDataParallel (`torchrun`, `oodbench train --nproc-per-node N`) `preprocess` runs
+on each rank's slice of the global batch: the shuffle, the clean / mosaic halves and the mosaics'
+four source images are all within one rank's batch_size / N images, never across ranks. The loss
+of a slice is the mean above over that slice, and DDP averages the slices' gradients, so the
+step is the mean of N per-slice DisMax losses (with one process: the paper's whole-batch one).
 """
 
 from __future__ import annotations
@@ -74,7 +80,8 @@ def mosaic(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, t
                  summary="DisMax: isometric distances to all prototypes + FPR mosaics")
 class DisMaxLoss(Criterion):
     """Replaces `nn.CrossEntropyLoss()`. Targets: class indices (B,) or quadrant classes (B, 4)
-    from `preprocess`, where the first B//2 rows are clean and the rest are mosaics.
+    from `preprocess`, where the first B//2 rows are clean and the rest are mosaics. Under DDP,
+    B is one rank's slice and the mosaics mix images within it (see the module docstring).
 
     Options: `fpr` (mosaics on/off), `alpha` (weight of the mosaic KL term, >= 0),
     `entropic_scale` (> 0: a non-positive scale would flip or flatten the softmax)."""

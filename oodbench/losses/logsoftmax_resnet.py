@@ -11,7 +11,10 @@ optional entropy-minimisation term that pushes each position's channel distribut
 The term is a SUM over all activations and positions (per sample), so useful λ are small
 (1e-3, 1e-2 …) and scale with the network's size; λ = 0 (the default) is plain cross-entropy
 and asks the model for nothing extra. The backbone computes the per-sample entropy sum during the
-forward pass when asked (`forward_all(x, aux=("activation_entropy",))`).
+forward pass when asked (`forward_all(x, aux=("activation_entropy",))`). Under
+DistributedDataParallel the trainer calls `forward_all` through the DDP wrapper (its `forward`),
+so the entropy term's gradients are averaged with the rest; the term is a per-sample mean over a
+rank's slice, so the average over the ranks is the global batch's mean.
 
 Training needs gradient clipping: the pooled features are log-probabilities with a large common
 offset (≈ −log C) and a tiny spread, so the head's gradient is ~50× that of a ReLU network's and
