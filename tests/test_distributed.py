@@ -191,7 +191,10 @@ def test_two_process_score_writes_the_cache_and_metrics_of_one(tmp_path: Path) -
     assert r.stdout.count("metrics in") == 1  # rank 0 alone reports
     assert "split over 2 processes" in r.stderr
     a, b = _cache(one), _cache(two)
-    assert sorted(a) == sorted(b) and len(a) == 3 * 5  # logits, features, labels of 5 sets
+    assert sorted(a) == sorted(b)
+    # logits, features, labels of 5 sets, and knn's stored top-K of the 4 scored (non-train) sets
+    assert sum("/derived/" not in k for k in a) == 3 * 5
+    assert sum("/derived/" in k for k in a) == 4
     for name, arr in a.items():
         np.testing.assert_allclose(b[name], arr, rtol=1e-5, atol=1e-6, err_msg=name)
     want, got = _metric_values(one), _metric_values(two)
