@@ -83,6 +83,13 @@ def test_bfact_butterworth(order: int) -> None:
     _check("bfact", _energy(g @ W.T + B), order=order)
 
 
+def test_bfact_refuses_features_with_no_positive_value() -> None:
+    """A log-softmax network's penultimate features are log-probabilities (all < 0): BFAct's
+    filter has no positive T there, so it is n/a for that model, not a failed run."""
+    with pytest.raises(NotApplicable, match="non-negative"):
+        _fitted("bfact", train=-TRAIN - 0.1)
+
+
 @pytest.mark.parametrize("p,k", [(90.0, 1), (50.0, 2)])  # k = max(1, 4 - round(4 p / 100))
 def test_ash_variants(p: float, k: int) -> None:
     mask = _topk_mask(F, k)

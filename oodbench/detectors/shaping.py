@@ -95,6 +95,7 @@ from oodbench.detectors.base import (
     Detector,
     DetectorInput,
     HParam,
+    NotApplicable,
     grid_selection_hparams,
 )
 from oodbench.errors import OodbenchError
@@ -294,6 +295,16 @@ class BFAct(_TrainPercentiles):
                **grid_selection_hparams()}
     grid = {"percentile": [80.0, 85.0, 90.0, 95.0, 99.0], "order": [1, 2, 3, 4]}
     what = "BFAct recomputes the logits of filtered features with the linear head's W, b"
+
+    def fit_statistics(self, train: DetectorInput) -> None:
+        """The filter bounds non-negative (post-ReLU) activations by a positive T: on features
+        with no positive train value (a log-softmax network's) no percentile gives a T > 0."""
+        super().fit_statistics(train)
+        assert self.sample is not None
+        if self.sample.size and float(self.sample.max()) <= 0:
+            raise NotApplicable("bfact", "its Butterworth filter needs non-negative (post-ReLU) "
+                                "penultimate features; this model's are all <= 0 (e.g. a "
+                                "log-softmax network)")
 
     def shape(self, f: torch.Tensor) -> torch.Tensor:
         t = self.threshold(self.params["percentile"])
