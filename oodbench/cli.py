@@ -394,21 +394,31 @@ def score(
     `oodbench score runs/digits/dismax-seed0 -d msp -d mmles` ·
     `oodbench score RUN -d odin --selection fgsm` · `oodbench score RUN -d odin -p odin.T=100`
     """
-    from oodbench.console import progress_factory
     from oodbench.data import DataContext
     from oodbench.distributed import join
     from oodbench.experiment import pick_device
     from oodbench.pipeline import score_run
 
+    runs = _runs(run_dir, runs_root, benchmark, loss, seed)
     if forget:
-        _forget(_runs(run_dir, runs_root, benchmark, loss, seed), forget)
+        _forget(runs, forget)
         return
     ctx, dev = DataContext.resolve(data_root), join(pick_device(device))
-    params, bad = parse_params(param), []
-    for run in _runs(run_dir, runs_root, benchmark, loss, seed):
+    params = parse_params(param)
+    _score_each(runs, lambda run, pf: score_run(run, ctx, dev, detector, calibrated, pf, params,
+                                                selection, ood_validation, batch_size, oracle))
+
+
+def _score_each(runs: list[Any], score_one: Callable[[Any, Any], dict[str, Any] | None]
+                ) -> None:
+    """Score each run (`score_one(run, progress_factory)`) and print it; exit 2 at the end if
+    any detector gave NaN scores (the other results are saved first)."""
+    from oodbench.console import progress_factory
+
+    bad: list[str] = []
+    for run in runs:
         with progress_factory() as pf:
-            m = score_run(run, ctx, dev, detector, calibrated, pf, params, selection,
-                          ood_validation, batch_size, oracle)
+            m = score_one(run, pf)
         if m is None:  # a torchrun rank other than 0: its share is done, rank 0 reports
             continue
         _print_scores(run.path, m)
