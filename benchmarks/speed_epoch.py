@@ -61,20 +61,32 @@ def oodbench_step(args: argparse.Namespace, ctx, run_dir: Path, device: torch.de
     tr.model.train()
     state = {"perm": torch.randperm(tr.n, device=device)}
 
-    def step() -> float:
+    def wrap() -> None:
         if tr.step >= tr.steps_per_epoch:
             tr.epoch, tr.step = tr.epoch + 1, 0
             state["perm"] = torch.randperm(tr.n, device=device)
+
+    def step() -> float:
+        wrap()
         tic = time.perf_counter()
         tr.train_step(state["perm"])
         _sync(device)
         return time.perf_counter() - tic
 
-    return step, tr
+    def data() -> float:
+        """The step's data side alone: the trainer's own `next_batch`."""
+        wrap()
+        tic = time.perf_counter()
+        tr.next_batch(state["perm"])
+        _sync(device)
+        tr.step += 1
+        return time.perf_counter() - tic
+
+    return step, data, tr
 
 
 def conventional_step(args: argparse.Namespace, tr, device: torch.device
-                      ) -> Callable[[], float]:
+                      ) -> tuple[Callable[[], float], Callable[[], float]]:
     """The papers' loop over the same training images, with a fresh copy of the same model."""
     import torchvision.transforms as T
 
@@ -109,7 +121,15 @@ def conventional_step(args: argparse.Namespace, tr, device: torch.device
         _sync(device)
         return time.perf_counter() - tic
 
-    return step
+    def data() -> float:
+        """The loader alone: how fast its workers deliver batches when nothing else runs."""
+        tic = time.perf_counter()
+        x, y = next(batches)
+        x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        _sync(device)
+        return time.perf_counter() - tic
+
+    return step, data
 
 
 def _forever(loader: DataLoader) -> Iterator:
@@ -163,12 +183,19 @@ def main() -> None:
     device = pick_device(args.device)
     ctx = DataContext.resolve(args.data_root, args.cache_root)
     with tempfile.TemporaryDirectory() as tmp:
-        ours, tr = oodbench_step(args, ctx, Path(tmp) / "run", device)
-        theirs = conventional_step(args, tr, device)
+        ours, ours_data, tr = oodbench_step(args, ctx, Path(tmp) / "run", device)
+        theirs, theirs_data = conventional_step(args, tr, device)
         ours(), theirs()  # warm-up (the workers start, allocators settle)
-        times = measure({"oodbench": ours, "conventional": theirs},
-                        {"oodbench": 1, "conventional": WORKERS * PREFETCH},
+        skip = {"oodbench": 1, "conventional": WORKERS * PREFETCH}
+        times = measure({"oodbench": ours, "conventional": theirs}, skip,
                         args.steps, max(1, args.block))
+        data = measure({"oodbench": ours_data, "conventional": theirs_data}, skip,
+                       args.steps, max(1, args.block))
+    report(args, device, times, data)
+
+
+def report(args: argparse.Namespace, device: torch.device, times: dict[str, list[float]],
+           data: dict[str, list[float]]) -> None:
     epoch_steps = 50_000 // args.batch
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"{args.model}, batch {args.batch}, {device}, {torch.get_num_threads()} threads, "
@@ -177,6 +204,11 @@ def main() -> None:
         print(f"  {name:13s} {m * 1000:8.1f} ms/step   epoch ({epoch_steps} steps) "
               f"≈ {m * epoch_steps / 60:.1f} min")
     print(f"  conventional / oodbench: {med['conventional'] / med['oodbench']:.2f}×")
+    print("data side alone (no model step between batches): the fastest each loop could train")
+    for name, t in data.items():
+        m = statistics.median(t)
+        print(f"  {name:13s} {m * 1000:8.1f} ms/batch  {args.batch / m:9.0f} images/s  "
+              f"({100 * m / med[name]:.1f} % of its step here)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ way.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from oodbench.experiment import (
     in_distribution_info,
     load_checked_benchmark,
 )
+from oodbench.io import write_json
 from oodbench.models import MODELS
 from oodbench.models.pretrained import CHECKPOINT_FORMATS, read_foreign_checkpoint
 from oodbench.runs import Run, WeightsMismatch, load_weights
@@ -66,12 +68,27 @@ def import_checkpoint(path: Path, model: str, benchmark: str, run_dir: Path | No
                               Path(path))
     load_weights(classifier, state, str(path))
     run = Run.create(run_dir or default_import_dir(bench.name, model, fmt_name), cfg)
+    imported = {"path": str(Path(path).resolve()), "format": fmt_name, **meta}
     save_checkpoint(run, {
         "model": classifier.state_dict(), "optimizer": {}, "epoch": bench.train.epochs,
-        "step": 0, "history": [], "finished": True,
-        "imported": {"path": str(Path(path).resolve()), "format": fmt_name, **meta},
+        "step": 0, "history": [], "finished": True, "imported": imported,
     })
+    write_import_manifest(run, Path(path), imported)
     return run, {"format": fmt_name, "run": str(run.path), "metadata": meta}
+
+
+def write_import_manifest(run: Run, path: Path, imported: dict[str, Any]) -> None:
+    """The run's manifest.json, as `train` writes one, for weights trained elsewhere: where they
+    came from (file, format, the file's sha256) instead of training data and epochs, so a
+    published record says which checkpoint its numbers belong to."""
+    from oodbench.pipeline import environment
+
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    write_json(run.manifest_path, {
+        "environment": {**environment(), "device": "cpu", "processes": 1},
+        "imported": {**imported, "sha256": sha},
+        "data": {}, "epochs": 0, "final": None,
+    })
 
 
 def _mismatch_error(mismatch: WeightsMismatch, state: dict[str, Any], cfg: RunConfig,

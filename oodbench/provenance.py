@@ -90,14 +90,15 @@ def run_provenance(config: dict[str, Any], datasets: dict[str, str], device: Any
 
 
 def _training_manifest(path: Path) -> dict[str, Any] | None:
-    """The run's manifest.json written by `train` (training data fingerprints, environment),
-    without its per-epoch numbers; None when absent or unreadable."""
+    """The run's manifest.json written by `train` (training data fingerprints, environment) or
+    `import-checkpoint` (the source file), without per-epoch numbers; None when absent or
+    unreadable."""
     try:
         m = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return {k: m[k] for k in ("environment", "data", "epochs") if k in m} if isinstance(m, dict) \
-        else None
+    keys = ("environment", "data", "epochs", "imported")
+    return {k: m[k] for k in keys if k in m} if isinstance(m, dict) else None
 
 
 def report_manifest(metrics: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:

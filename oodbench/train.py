@@ -267,6 +267,30 @@ class _Trainer:
         """One optimiser step on this rank's slice of the step's batch; returns (loss, output,
         targets, in-distribution rows of the slice)."""
         t = self.t
+        x, targets, rows, share = self.next_batch(perm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(t, self.epoch * self.steps_per_epoch + self.step,
+                                        self.steps_per_epoch)
+        with (torch.autocast(self.device.type, dtype=self.amp_dtype)
+              if self.amp_dtype is not None else contextlib.nullcontext()):
+            out = self.forward(x, self.criterion.aux)
+            loss = self.criterion.training_loss(out, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss if share == 1 else loss * share).backward()
+        if self.criterion.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.criterion.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return loss, out, targets, rows
+
+    def next_batch(self, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """This step's input on the device (this rank's slice of the batch `perm` gives it,
+        augmented in one batched call, normalised, with its outliers) and targets; its number of
+        in-distribution rows; and the loss weight that keeps unequal slices' gradients exact.
+        Seeds the step first, so a resumed run draws the same crops and flips."""
+        t = self.t
         torch.manual_seed(step_seed(self.cfg.seed, self.epoch, self.step))
         batch = perm[self.step * self.bs:(self.step + 1) * self.bs]
         lo, hi = self.world.shard(len(batch))
@@ -277,23 +301,8 @@ class _Trainer:
             x, targets = self.with_outliers(x, targets)
         if self.amp_dtype is not None:
             x = x.contiguous(memory_format=torch.channels_last)
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(t, self.epoch * self.steps_per_epoch + self.step,
-                                        self.steps_per_epoch)
-        with (torch.autocast(self.device.type, dtype=self.amp_dtype)
-              if self.amp_dtype is not None else contextlib.nullcontext()):
-            out = self.forward(x, self.criterion.aux)
-            loss = self.criterion.training_loss(out, targets)
         share = len(idx) * self.world.size / len(batch)  # 1 unless the slices are unequal
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss if share == 1 else loss * share).backward()
-        if self.criterion.max_grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.criterion.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.step += 1
-        return loss, out, targets, len(idx)
+        return x, targets, len(idx), share
 
     def with_outliers(self, x: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:

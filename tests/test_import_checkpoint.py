@@ -2,6 +2,8 @@
 `module.*`, head `linear`), with a tiny `folder:` dataset: import, calibrate, score; and the
 clear errors for a checkpoint that does not match the model."""
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -78,6 +80,16 @@ def test_import_calibrate_and_score(tmp_path: Path):
     r = invoke("score", tmp_path / "run")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "metrics.json").exists()
+
+    # a published record names the file its weights came from, by content
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["imported"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert manifest["imported"]["format"] == "akamaster"
+    assert manifest["imported"]["best_prec1"] == 91.25
+    r = invoke("report", tmp_path / "run", "--output", tmp_path / "rep")
+    assert r.exit_code == 0, r.output
+    runs = json.loads((tmp_path / "rep" / "report.json").read_text())["manifest"]["runs"]
+    assert runs[0]["training"]["imported"]["sha256"] == manifest["imported"]["sha256"]
 
 
 def test_a_checkpoint_for_another_model_is_a_clear_error(tmp_path: Path):
