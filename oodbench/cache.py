@@ -15,6 +15,8 @@ similarities of each query) is stored in the entry of the set it was derived fro
 derived/<name>-<hash>.npy, the hash covering the content key of the train outputs the
 detector was fitted on, the derived output's parameters, its source files and the torch
 version: same model and data → reused; another bank, K, normalisation or code → another file.
+Beside it, <name>-<hash>.json keeps the seconds it took to compute, which a detector's cost
+counts whether the file was made now or read.
 
 An entry holds what has been asked of it. The base outputs (logits, features, labels) are
 written together; block summaries are named by "<block>.<summary>" keys (`oodbench.summaries`)
@@ -156,20 +158,27 @@ class CacheEntry:
         return t
 
     def derived(self, name: str, params: Mapping[str, Any], code: Iterable[str],
-                compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+                compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool, float]:
         """A detector's derived output of this entry's set (see the module docstring): the
-        stored copy, else `compute()` saved atomically; True when it was computed now. `params`
-        must name everything it depends on besides this set's outputs (the fit's train key)."""
+        stored copy, else `compute()` saved atomically; True when it was computed now; and the
+        seconds `compute()` took, now or when it was stored (kept beside it, as the forward
+        time is kept with the entry, so a detector's cost does not depend on what the cache
+        held). `params` must name everything it depends on besides this set's outputs (the
+        fit's train key)."""
         path = self.path / "derived" / f"{name}-{derived_key(params, code)}.npy"
-        if path.exists():
-            return self._checked_file(path), False
+        timing = path.with_suffix(".json")
+        if path.exists() and timing.exists():  # an entry from before timings is made again
+            return self._checked_file(path), False, float(read_json(timing)["seconds"])
+        tic = time.perf_counter()
         value = compute()
+        seconds = time.perf_counter() - tic
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(path.parent)
         tmp = str(path) + temp_tag() + ".npy"
         np.save(tmp, value.numpy())
         os.replace(tmp, path)
-        return value, True
+        write_json(timing, {"seconds": seconds})  # last: its presence marks a complete pair
+        return value, True, seconds
 
 
 def derived_key(params: Mapping[str, Any], code: Iterable[str]) -> str:

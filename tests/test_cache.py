@@ -188,15 +188,17 @@ def test_a_derived_output_is_stored_once_and_keyed_by_everything_it_depends_on(t
         made.append(1)
         return torch.arange(6, dtype=torch.float32).reshape(3, 2) / 7
 
-    first, new = entry.derived("knn.topk", {"K": 2, "fit": "train-a"}, [__file__], compute)
-    again, new_again = entry.derived("knn.topk", {"K": 2, "fit": "train-a"}, [__file__], compute)
+    first, new, took = entry.derived("knn.topk", {"K": 2, "fit": "train-a"}, [__file__], compute)
+    again, new_again, took_again = entry.derived("knn.topk", {"K": 2, "fit": "train-a"},
+                                                 [__file__], compute)
     assert new and not new_again and len(made) == 1
+    assert took_again == took > 0  # the compute time is kept, not the time of reading it
     assert torch.equal(first, again) and again.dtype == torch.float32  # exact round trip
     for params, code in [({"K": 2, "fit": "train-b"}, [__file__]),  # another bank
                          ({"K": 3, "fit": "train-a"}, [__file__]),  # another K
                          ({"K": 2, "fit": "train-a"}, [__file__, np.__file__])]:  # other code
         assert entry.derived("knn.topk", params, code, compute)[1]
-    assert len(made) == 4 and len(list((tmp_path / "entry" / "derived").iterdir())) == 4
+    assert len(made) == 4 and len(list((tmp_path / "entry" / "derived").glob("*.npy"))) == 4
     short = CacheEntry(tmp_path / "entry", 5)  # a file of another length is refused
     with pytest.raises(OodbenchError, match="holds 3 rows, expected 5"):
         short.derived("knn.topk", {"K": 2, "fit": "train-a"}, [__file__], compute)

@@ -4,6 +4,7 @@ OOD validation kept apart from the test sets, and the phases called one by one f
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,7 @@ def _phase_scores(run: Run, names: list[str], train_rows: int | None = None, **p
     scores = score_sets(lr, p, results)
     feats = {r.set.name: r.outputs.features.numpy() for r in results}
     feats["train"] = lr.entry(sets.train).load(()).features.numpy()
+    _phase_scores.last = scores  # the DetectorScores (seconds, cost) of this call
     return {n: s.per_set for n, s in scores.items()}, feats
 
 
@@ -285,6 +287,26 @@ def test_nearest_neighbour_search_is_stored_and_reused_bit_for_bit(digits_run, m
     assert len(searches) == 2 * len(sets)
     assert len(list(digits_run.cache_dir.glob("*/derived/*.npy"))) == 4 * len(sets)
     assert not np.array_equal(other["knn"][sets[0]], cold["knn"][sets[0]])
+
+
+def test_a_stored_search_still_counts_in_the_detectors_cost(digits_run, monkeypatch):
+    """KNN's cost is the method's, not the cache's: a warm score, which reads each set's stored
+    top-K instead of searching, counts the seconds the search took when it was stored (the
+    search is made to take 0.25 s a set, so the bound cannot come from anything else)."""
+    from oodbench.detectors.knn import KNN
+
+    def slow(self, data, _derive=KNN.derive):
+        time.sleep(0.25)
+        return _derive(self, data)
+
+    monkeypatch.setattr(KNN, "derive", slow)
+    _phase_scores(digits_run, ["knn"])
+    cold = _phase_scores.last["knn"]
+    n_sets = len(cold.per_set)
+    monkeypatch.setattr(KNN, "derive", lambda self, data: pytest.fail("searched again"))
+    _phase_scores(digits_run, ["knn"])
+    warm = _phase_scores.last["knn"]
+    assert cold.seconds >= 0.25 * n_sets and warm.seconds >= 0.25 * n_sets
 
 
 def test_every_detector_is_also_judged_as_a_confidence(digits_run):
