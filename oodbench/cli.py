@@ -75,7 +75,9 @@ def command(name: str | None = None) -> Callable[[Callable[..., Any]], Callable[
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                _leave_group()
+                return result
             except OodbenchError as e:
                 _fail(e)
             except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
@@ -90,6 +92,15 @@ def command(name: str | None = None) -> Callable[[Callable[..., Any]], Callable[
         return app.command(name)(wrapper)
 
     return decorate
+
+
+def _leave_group() -> None:
+    """Under torchrun, after a command succeeded: every rank done, the group closed cleanly
+    (see `distributed.leave_together`). Nothing to do where torch was never imported."""
+    if "oodbench.distributed" in sys.modules:
+        from oodbench.distributed import leave_together
+
+        leave_together()
 
 
 RunsRoot = Annotated[Path, typer.Option(metavar="DIR",

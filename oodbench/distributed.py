@@ -96,6 +96,17 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
+def leave_together() -> None:
+    """End a command that succeeded on this rank: wait until every rank is done, then tear the
+    group down while the interpreter is fully alive. A gloo group left to interpreter shutdown
+    can abort a finished rank (SIGABRT from its worker threads), failing a job whose work was
+    done. Only on success: after a failure the other ranks may be inside a collective (a
+    barrier would hang them), and torchrun stops them anyway."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def active() -> bool:
     """True in a process of a joined group of more than one process."""
     return world().distributed and dist.is_initialized()
