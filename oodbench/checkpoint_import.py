@@ -26,11 +26,10 @@ from oodbench.experiment import (
     in_distribution_info,
     load_checked_benchmark,
 )
-from oodbench.io import write_json
 from oodbench.models import MODELS
 from oodbench.models.pretrained import CHECKPOINT_FORMATS, read_foreign_checkpoint
 from oodbench.runs import Run, WeightsMismatch, load_weights
-from oodbench.train import save_checkpoint
+from oodbench.train import save_checkpoint, write_manifest
 
 
 def default_import_dir(benchmark: str, model: str, fmt: str, root: Path = Path("runs")) -> Path:
@@ -78,17 +77,11 @@ def import_checkpoint(path: Path, model: str, benchmark: str, run_dir: Path | No
 
 
 def write_import_manifest(run: Run, path: Path, imported: dict[str, Any]) -> None:
-    """The run's manifest.json, as `train` writes one, for weights trained elsewhere: where they
-    came from (file, format, the file's sha256) instead of training data and epochs, so a
-    published record says which checkpoint its numbers belong to."""
-    from oodbench.pipeline import environment
-
+    """The run's manifest.json, written as `train` writes one, with where the weights came from
+    (file, format, the file's sha256), so a published record says which checkpoint its numbers
+    belong to. The weights are loaded on the CPU."""
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    write_json(run.manifest_path, {
-        "environment": {**environment(), "device": "cpu", "processes": 1},
-        "imported": {**imported, "sha256": sha},
-        "data": {}, "epochs": 0, "final": None,
-    })
+    write_manifest(run, torch.device("cpu"), {}, [], imported={**imported, "sha256": sha})
 
 
 def _mismatch_error(mismatch: WeightsMismatch, state: dict[str, Any], cfg: RunConfig,

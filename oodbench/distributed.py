@@ -104,7 +104,7 @@ def leave_together() -> None:
     barrier would hang them), and torchrun stops them anyway."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        _leave()
 
 
 def active() -> bool:

@@ -424,14 +424,17 @@ def make_criterion(cfg: RunConfig) -> Criterion:
 
 
 def write_manifest(run: Run, device: torch.device, data: dict[str, ImageSet],
-                   history: list[dict[str, Any]], processes: int = 1) -> None:
-    """Provenance of the trained weights: versions, device (and the number of processes of a
-    torchrun job), data fingerprints, final numbers."""
+                   history: list[dict[str, Any]], processes: int = 1,
+                   imported: dict[str, Any] | None = None) -> None:
+    """Provenance of the weights: versions, device (and the number of processes of a torchrun
+    job), data fingerprints, final numbers; for weights trained elsewhere (`imported`), the
+    source they came from instead of training data and epochs."""
     from oodbench.io import write_json
     from oodbench.pipeline import environment
 
     write_json(run.manifest_path, {
         "environment": {**environment(), "device": str(device), "processes": processes},
+        **({"imported": imported} if imported is not None else {}),
         "data": {k: {"name": d.name, "n": len(d), "sha256": d.fingerprint()}
                  for k, d in data.items()},
         "epochs": len(history),
