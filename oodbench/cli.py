@@ -621,12 +621,16 @@ def _sweep(req: Any, ctx: Any, device: str, jobs: int) -> Path:
         def status(label: str, step: str) -> None:
             if label not in tasks:
                 tasks[label] = p.add_task(label, total=None, info="")
-            done = step in ("done", "complete: skipped")
+            done = step == "done" or "skipped" in step
             p.update(tasks[label], info=step, total=1 if done else None,
                      completed=1 if done else 0)
 
         folder, ran = run_sweep(req, ctx, device, jobs, status)
     failed = [j for j in ran if j.returncode]
+    for j in ran:
+        if j.held_by:
+            console.print(f"[yellow]skipped {j.label}: {j.held_by} is training it; run this "
+                          "command again once it finishes for the complete report")
     for j in failed:
         console.print(f"[bold red]{j.label} failed while {j.failed_step}[/]: see {j.log}")
     if failed:

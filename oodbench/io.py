@@ -11,6 +11,9 @@ previous version intact, and concurrent read-merge-writes of one file do not los
   removing a lock file while another process waits on it would let two holders in). Where
   `fcntl` does not exist (Windows) it does not lock: concurrent updates are then unsafe there.
 - `update_json(path, merge)` is the read-merge-write of a JSON file under that lock.
+- `held_now(path)` takes such a lock without waiting: a second holder gets `Busy`, naming the
+  first (its PID and host, written into the lock file). A run folder is held this way while it
+  trains, so two processes never train one run into one checkpoint.
 - Under torchrun only rank 0 writes: the writers here refuse another rank's write
   (`oodbench.distributed.check_may_write`), and other ranks never remove temporaries.
 """
@@ -128,6 +131,42 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+class Busy(Exception):
+    """`held_now` found the lock held by another process (or another open in this one)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder  # "pid N on HOST", or "" when the holder wrote nothing yet
+
+
+def _holder_text(fd: int) -> str:
+    words = os.pread(fd, 200, 0).decode(errors="replace").split()
+    return f"pid {words[0]} on {words[1]}" if len(words) >= 2 else ""
+
+
+@contextlib.contextmanager
+def held_now(path: Path) -> Iterator[None]:
+    """Hold the lock file `path` exclusively for the block, or raise `Busy` at once if another
+    holder has it. The holder's PID and host are written into the file for that message; the
+    lock dies with its process. Without `fcntl` (Windows) nothing is held."""
+    if fcntl is None:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(_holder_text(fd)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def update_json(path: Path, merge: Callable[[Any | None], Any]) -> Any:

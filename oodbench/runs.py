@@ -9,14 +9,17 @@
         scores/<detector>/<ood set>.npy
         metrics.json       everything `report` reads
         metrics.json.lock  lock of concurrent `score`s merging into metrics.json
+        run.lock           held while a process trains the run (`Run.hold`): holder's PID, host
 
 Temporaries of a process killed while writing are removed when the folder is next opened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,14 @@ import torch
 
 from oodbench.config import RunConfig, load_yaml
 from oodbench.errors import OodbenchError
-from oodbench.io import atomic_write, read_json, remove_stale_temps, write_yaml
+from oodbench.io import (
+    Busy,
+    atomic_write,
+    held_now,
+    read_json,
+    remove_stale_temps,
+    write_yaml,
+)
 
 
 def default_run_dir(cfg: RunConfig, root: Path = Path("runs")) -> Path:
@@ -79,6 +89,37 @@ class Run:
                 if d.is_dir():
                     remove_stale_temps(d)
 
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold this run folder for the block, so no other process trains it meanwhile: two
+        trainings of one run would write one checkpoint in turns. A second process gets an
+        error naming the holder (exit 2) instead. Re-entrant within one process."""
+        key = self.path.resolve()
+        if key in _HELD:
+            yield
+            return
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(held_now(self.path / "run.lock"))
+        except Busy as busy:
+            raise RunInUse(self.path, busy.holder) from None
+        with stack:
+            _HELD.add(key)
+            try:
+                yield
+            finally:
+                _HELD.discard(key)
+
+    def in_use(self) -> str | None:
+        """Who holds this run folder ("pid N on HOST", or "another process"), else None."""
+        if self.path.resolve() in _HELD:
+            return None
+        try:
+            with held_now(self.path / "run.lock"):
+                return None
+        except Busy as busy:
+            return busy.holder or "another process"
+
     def config(self) -> RunConfig:
         return RunConfig.from_dict(load_yaml(self.config_path), str(self.config_path))
 
@@ -96,6 +137,19 @@ class Run:
 
     def calibration(self) -> dict[str, Any] | None:
         return read_json(self.calibration_path) if self.calibration_path.exists() else None
+
+
+_HELD: set[Path] = set()  # run folders this process holds (`Run.hold`)
+
+
+class RunInUse(OodbenchError):
+    """Another process holds the run folder (it is training it)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is in use: {holder or 'another process'} is training it",
+                         "wait for that process to finish (or stop it), or train another "
+                         "--run-dir")
+        self.path, self.holder = path, holder
 
 
 # The files that record a finished run's results and how they were made: what `publish_runs`

@@ -1,8 +1,9 @@
 """`oodbench run --jobs N`: the independent (loss × seed) runs of a benchmark as N parallel
 processes, each the same three commands a user would type (`train`, `calibrate`, `score` on its
 run folder), so a sweep is nothing but the ordinary, resumable steps. A run whose results are
-complete is skipped; an unfinished one resumes from its checkpoint. Each job's output goes to
-`<run>/job.log`; its current step is reported through `on_status`.
+complete is skipped, and so is one another process is training (`Run.in_use`); an unfinished
+one resumes from its checkpoint. Each job's output goes to `<run>/job.log`; its current step is
+reported through `on_status`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Job:
     steps: list[tuple[str, list[str]]]
     returncode: int | None = None
     failed_step: str = ""
+    held_by: str = ""  # set when another process was training the run: the job did not start
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -67,6 +69,11 @@ def _job(run: Run, ctx: DataContext, device: str, compile_model: bool = False) -
 
 
 def _execute(job: Job, env: dict[str, str], on_status: Status) -> None:
+    holder = job.run.in_use()
+    if holder is not None:  # another `oodbench` process is training it: leave it that one
+        job.held_by = holder
+        on_status(job.label, f"skipped: in use by {holder}")
+        return
     with open(job.log, "a") as log:
         for step, argv in job.steps:
             on_status(job.label, step)

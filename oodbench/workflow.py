@@ -5,6 +5,7 @@ one of these and prints; a user's own script calls the same functions.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from oodbench.experiment import (
     with_absolute_folders,
 )
 from oodbench.pipeline import calibrate_run, score_run
-from oodbench.runs import Run, default_run_dir
+from oodbench.runs import Run, RunInUse, default_run_dir
 from oodbench.scoring import ProgressFactory, no_progress
 from oodbench.train import StepReporter, check_batch_split, make_criterion, train
 
@@ -98,11 +99,15 @@ def train_run(run: Run, ctx: DataContext, device: torch.device,
               reporter: StepReporter | None = None,
               mixed_precision: bool | None = None,
               compile_model: bool = False) -> list[dict[str, Any]]:
-    """Train (or resume) a prepared run; a finished run returns its stored history."""
-    if run.is_trained():
-        return list(run.require_checkpoint().get("history", []))
-    return train(run, ctx, device, reporter, mixed_precision=mixed_precision,
-                 compile_model=compile_model)
+    """Train (or resume) a prepared run; a finished run returns its stored history. The run
+    folder is held meanwhile (`Run.hold`; under torchrun by rank 0, whose refusal every rank
+    raises), so a second process training it gets `RunInUse` instead of sharing a checkpoint."""
+    with contextlib.ExitStack() as stack:
+        on_main(lambda: stack.enter_context(run.hold()))
+        if run.is_trained():
+            return list(run.require_checkpoint().get("history", []))
+        return train(run, ctx, device, reporter, mixed_precision=mixed_precision,
+                     compile_model=compile_model)
 
 
 def launch_training(req: TrainRequest, ctx: DataContext, device: str, nproc: int,
@@ -123,6 +128,9 @@ def launch_training(req: TrainRequest, ctx: DataContext, device: str, nproc: int
                             "pass --device cuda with at most that many processes")
     run = prepare_run(req, ctx)
     check_batch_split(run.config().benchmark.train.batch_size, nproc)
+    holder = run.in_use()
+    if holder is not None:
+        raise RunInUse(run.path, holder)
     argv = ["train", "--run-dir", str(run.path.resolve()), "--data-root",
             str(ctx.root.resolve()), "--device", device]
     if mixed_precision is not None:
@@ -187,19 +195,35 @@ def run_benchmark(req: BenchmarkRequest, ctx: DataContext, device: torch.device,
     interrupted `run` continues where it stopped. Returns the benchmark's runs folder."""
     refuse_under_torchrun("oodbench run")
     runs = benchmark_runs(req, ctx)
+    busy = []
     for run in runs:
         cfg = run.config()
         label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"
-        if not run.is_trained():
-            say(f"training {label} · {cfg.benchmark.train.epochs} epochs → {run.path}")
-        train_run(run, ctx, device, reporter(label) if reporter else None,
-                  compile_model=req.compile_model)
-        cal = calibrate_run(run, ctx, device, "nll", progress)
-        say(f"calibrated {label}: T = {cal['temperature']:.3f}")
-        for warning in calibration_warnings(cal):
-            say(f"[yellow]warning: {warning}")
-        score_run(run, ctx, device, None, False, progress)
+        try:
+            with run.hold():
+                _run_one(req, run, label, ctx, device, reporter, progress, say)
+        except RunInUse as e:
+            busy.append(label)
+            say(f"[yellow]skipped {label}: {e.holder or 'another process'} is training it")
+    if busy:
+        say(f"[yellow]{len(busy)} run(s) left to the processes holding them; run this command "
+            "again once they finish for the complete report")
     return runs[0].path.parent
+
+
+def _run_one(req: BenchmarkRequest, run: Run, label: str, ctx: DataContext,
+             device: torch.device, reporter: Callable[[str], StepReporter] | None,
+             progress: ProgressFactory, say: Say) -> None:
+    """One run's train, calibrate and score (each step skipped when already done)."""
+    if not run.is_trained():
+        say(f"training {label} · {run.config().benchmark.train.epochs} epochs → {run.path}")
+    train_run(run, ctx, device, reporter(label) if reporter else None,
+              compile_model=req.compile_model)
+    cal = calibrate_run(run, ctx, device, "nll", progress)
+    say(f"calibrated {label}: T = {cal['temperature']:.3f}")
+    for warning in calibration_warnings(cal):
+        say(f"[yellow]warning: {warning}")
+    score_run(run, ctx, device, None, False, progress)
 
 
 def calibration_warnings(res: dict[str, Any]) -> list[str]:
