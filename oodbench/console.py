@@ -56,10 +56,12 @@ class RichTrainReporter(StepReporter):
     def __init__(self, progress: Progress, label: str) -> None:
         self.p, self.label = progress, label
         self.epoch_task = self.step_task = None
+        self.epochs_left = 0
 
     def start(self, epochs: int, steps_per_epoch: int, epoch: int, step: int) -> None:
         if epoch or step:
             console.print(f"[yellow]resuming {self.label} at epoch {epoch + 1}, step {step}")
+        self.epochs_left = epochs - epoch
         self.epoch_task = self.p.add_task(f"{self.label} epochs", total=epochs,
                                           completed=epoch, info="")
         self.step_task = self.p.add_task("  steps", total=steps_per_epoch, completed=step,
@@ -72,4 +74,8 @@ class RichTrainReporter(StepReporter):
     def epoch_end(self, stats: EpochStats) -> None:
         self.p.update(self.epoch_task, advance=1,
                       info=f"val acc {stats.val_accuracy:.1%} · loss {stats.loss:.3f}")
-        self.p.reset(self.step_task, info="")
+        self.epochs_left -= 1
+        if self.epochs_left <= 0:  # no next epoch: a "0/N steps" line left behind would be false
+            self.p.remove_task(self.step_task)
+        else:
+            self.p.reset(self.step_task, info="")

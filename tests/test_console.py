@@ -1,0 +1,35 @@
+"""The training progress display: what it leaves on screen must be true."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+from rich.progress import Progress
+
+from oodbench.console import RichTrainReporter
+from oodbench.progress import EpochStats
+
+
+def _drive(epochs: int, from_epoch: int = 0) -> Progress:
+    p = Progress(console=Console(file=io.StringIO()))
+    rep = RichTrainReporter(p, "bench/softmax/seed0")
+    rep.start(epochs, 3, from_epoch, 0)
+    for e in range(from_epoch, epochs):
+        for _ in range(3):
+            rep.step(1.0, 0.5, 100.0)
+        steps = [t for t in p.tasks if "steps" in t.description]
+        assert [t.completed for t in steps] == [3]  # a full epoch of steps shown
+        rep.epoch_end(EpochStats(e, 1.0, 0.5, 0.5, 100.0))
+    return p
+
+
+def test_the_steps_line_resets_between_epochs_and_goes_after_the_last():
+    p = _drive(2)
+    assert [(t.description, t.completed, t.total) for t in p.tasks] == [
+        ("bench/softmax/seed0 epochs", 2, 2)]
+
+
+def test_a_resumed_run_also_ends_without_a_stale_steps_line():
+    p = _drive(3, from_epoch=2)
+    assert [(t.completed, t.total) for t in p.tasks] == [(3, 3)]
