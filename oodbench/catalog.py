@@ -66,6 +66,14 @@ def detector_rows() -> list[DetectorRow]:
     return rows
 
 
+def applies_summary(applies: dict[str, str]) -> str:
+    """One cell for a terminal: "all", or which losses the detector refuses / adapts to (a
+    column per loss does not fit 80 columns, the width of CI logs)."""
+    parts = [f"{mark} on {', '.join(loss for loss, m in applies.items() if m == mark)}"
+             for mark in ("n/a", "adapted") if mark in applies.values()]
+    return "; ".join(parts) or "all"
+
+
 def detector_markdown() -> str:
     """The README's detector table (name, family, paper, needs, fitted on, defaults, grid, and
     one column per loss)."""

@@ -738,16 +738,32 @@ def _simple_rows(what: str) -> Table:
     return t
 
 
-def _detector_table(what: str) -> Table:
-    from oodbench.catalog import detector_rows
-    from oodbench.losses import LOSSES
+def _detector_table(what: str) -> Any:
+    """A table where the terminal is wide enough; below 140 columns (CI logs, pipes: 80) one
+    block per detector, since seven columns would cut every cell to a few letters."""
+    from rich.console import Group
+    from rich.padding import Padding
+    from rich.text import Text
 
-    t = Table(title=f"{what} (✓ applies, n/a refuses: needs a linear head)")
-    for c in ("name", "paper", "needs", "fitted on", "defaults", "grid", *LOSSES.names()):
-        t.add_column(c)
-    for r in detector_rows():
-        t.add_row(r.name, r.paper, r.needs, r.fit, r.defaults, r.grid,
-                  *(r.applies[loss] for loss in LOSSES.names()))
+    from oodbench.catalog import applies_summary, detector_rows
+    from oodbench.console import out
+
+    rows = detector_rows()
+    title = "n/a: refuses a prototype head; loss × detector grid: --markdown"
+    if out.width < 140:
+        blocks: list[Any] = [Text(f"{what} ({title})", style="bold")]
+        for r in rows:
+            lines = [f"needs {r.needs} · fitted on {r.fit} · defaults {r.defaults}",
+                     *([f"grid {r.grid}"] if r.grid != "—" else []),
+                     f"losses: {applies_summary(r.applies)}"]
+            blocks += [Text.assemble((r.name, "bold"), "  ", r.paper),
+                       *(Padding(Text(line), (0, 0, 0, 4)) for line in lines)]
+        return Group(*blocks)
+    t = Table(title=f"{what} ({title})")
+    for c in ("name", "paper", "needs", "fitted on", "defaults", "grid", "losses"):
+        t.add_column(c, no_wrap=c == "name", overflow="fold")  # never cut a name to "…"
+    for r in rows:
+        t.add_row(r.name, r.paper, r.needs, r.fit, r.defaults, r.grid, applies_summary(r.applies))
     return t
 
 

@@ -188,3 +188,28 @@ def test_nan_scores_exit_2_after_saving_the_rest(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "NaN/infinite scores" in r.output and "test-nans" in r.output
     saved = json.loads((run / "metrics.json").read_text())["detectors"]
     assert saved["msp"]["ood"] and saved["test-nans"]["nonfinite"]
+
+
+def _list_detectors(columns: int) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": str(columns)}
+    r = subprocess.run([sys.executable, "-m", "oodbench", "list", "detectors"],
+                       capture_output=True, text=True, env=env, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "…" not in r.stdout and max(map(len, r.stdout.splitlines())) <= columns
+    return r.stdout
+
+
+def test_list_detectors_prints_every_name_whole_in_a_ci_log_and_in_a_wide_terminal():
+    """At 80 columns (a CI log, a pipe) one block per detector; at 160 a table. Either way
+    every detector name is whole and the refused losses are real loss names."""
+    from oodbench.detectors import DETECTORS
+    from oodbench.losses import LOSSES
+
+    narrow = _list_detectors(80).splitlines()
+    assert [line.split()[0] for line in narrow[1:] if not line.startswith(" ")] == sorted(
+        DETECTORS.names())
+    refused = [line.split("n/a on", 1)[1] for line in narrow if "losses: n/a on" in line]
+    assert refused and {n.strip() for c in refused for n in c.split(",")} <= set(LOSSES.names())
+    wide = _list_detectors(160)
+    cells = {c.strip() for line in wide.splitlines() for c in line.split("│")}
+    assert set(DETECTORS.names()) <= cells
