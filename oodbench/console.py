@@ -5,8 +5,11 @@ Under torchrun only rank 0 prints and draws progress bars: the other ranks' cons
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -21,9 +24,19 @@ from rich.progress import (
 from oodbench.distributed import is_main_process
 from oodbench.progress import EpochStats, StepReporter
 
-console = Console(stderr=True, quiet=not is_main_process())
-out = Console(quiet=not is_main_process())
-errors = Console(stderr=True)
+def log_width(stream: TextIO) -> int | None:
+    """None (rich's own choice: the terminal's width, else $COLUMNS, else 80) on a terminal or
+    with $COLUMNS set; LOG_WIDTH when writing to a CI log, a pipe or a file. Those do not wrap
+    lines, and at 80 columns a report table of eleven columns folds every name into pieces."""
+    if os.environ.get("COLUMNS") or stream.isatty():
+        return None
+    return LOG_WIDTH
+
+
+LOG_WIDTH = 200
+console = Console(stderr=True, quiet=not is_main_process(), width=log_width(sys.stderr))
+out = Console(quiet=not is_main_process(), width=log_width(sys.stdout))
+errors = Console(stderr=True, width=log_width(sys.stderr))
 
 
 def make_progress() -> Progress:

@@ -134,6 +134,19 @@ def _tie_caption(rep: dict[str, Any]) -> str:
             "includes 0)")
 
 
+def _na_caption(g: dict[str, Any]) -> str:
+    """The detectors that refused a loss's head, named once under the table (each reason is a
+    sentence, in report.json; as a table row it filled a column with empty cells)."""
+    refused: dict[str, list[str]] = {}
+    for r in g["rows"]:
+        if r.get("not_applicable"):
+            refused.setdefault(r["loss"], []).append(r["detector"])
+    if not refused:
+        return ""
+    return ("; n/a (the detector refuses this loss's head; each reason in report.json): "
+            + "; ".join(f"{loss}: {', '.join(dets)}" for loss, dets in refused.items()))
+
+
 def report_tables(rep: dict[str, Any], metrics: tuple[str, ...],
                   selective: tuple[str, ...] = ()) -> list[TableModel]:
     """Per group: the classification table, then one table per OOD metric of `metrics` (rows =
@@ -154,12 +167,10 @@ def report_tables(rep: dict[str, Any], metrics: tuple[str, ...],
                            ["loss", "detector", *[_col_label(g, c) for c in cols], "cost ×"],
                            caption="mean ± std over "
                                    f"{_seeds_text(g['seeds'])}; best per column emphasised"
-                                   + (_tie_caption(rep) if ties else ""),
+                                   + (_tie_caption(rep) if ties else "") + _na_caption(g),
                            right_from=2)
             for r in g["rows"]:
-                if r.get("not_applicable"):  # one wide note instead of empty cells
-                    t.add([r["loss"], r["detector"], f"n/a ({r['not_applicable']})",
-                           *[""] * len(cols)], [False] * (len(cols) + 3))
+                if r.get("not_applicable"):  # named in the caption, not a row of empty cells
                     continue
                 cells = [cell_of(r, c, m) for c in cols]
                 t.add([r["loss"], r["detector"],
@@ -365,7 +376,9 @@ def to_rich(tables: list[TableModel]) -> list[Any]:
     for t in tables:
         table = Table(title=t.title, caption=t.caption or None)
         for i, h in enumerate(t.headers):
-            table.add_column(h, justify="right" if i >= t.right_from else "left")
+            # a narrow terminal wraps a long name ("tinyimagenet-resize") instead of cutting it
+            table.add_column(h, justify="right" if i >= t.right_from else "left",
+                             overflow="fold")
         for cells, emph in zip(t.rows, t.emphasis, strict=True):
             # names such as "msp [calibrated]" are text, not rich markup
             table.add_row(*[f"[bold green]{escape(c)}[/]" if e else escape(c)

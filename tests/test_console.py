@@ -33,3 +33,15 @@ def test_the_steps_line_resets_between_epochs_and_goes_after_the_last():
 def test_a_resumed_run_also_ends_without_a_stale_steps_line():
     p = _drive(3, from_epoch=2)
     assert [(t.completed, t.total) for t in p.tasks] == [(3, 3)]
+
+
+def test_logs_and_pipes_get_a_width_that_fits_the_tables(monkeypatch):
+    """A CI log or a pipe is not a terminal: rich would give it 80 columns, folding an
+    eleven-column report into fragments. $COLUMNS, when set, still decides."""
+    from oodbench.console import LOG_WIDTH, log_width
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert log_width(io.StringIO()) == LOG_WIDTH
+    monkeypatch.setenv("COLUMNS", "100")
+    assert log_width(io.StringIO()) is None
+    assert Console(file=io.StringIO(), width=log_width(io.StringIO())).width == 100

@@ -360,6 +360,13 @@ def test_a_refusing_detector_is_na_with_its_reason_and_oracle_is_labelled(tmp_pa
     rows = {(x["loss"], x["detector"]): x for x in json.loads(r.stdout)["groups"][0]["rows"]}
     assert "linear head" in rows[("dismax", "react")]["not_applicable"]
     assert rows[("softmax", "react [oracle: patches]")]["oracle"] == "patches"
+    # in the tables the refusal is named under the table, not a row of empty cells
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "-f", "markdown",
+                                 "--no-write"])
+    assert r.exit_code == 0, r.output
+    assert "| dismax | react |" not in r.stdout and "| dismax | msp |" in r.stdout
+    assert "n/a (the detector refuses this loss's head; each reason in report.json): " \
+           "dismax: react_" in r.stdout
 
 
 def test_shifted_test_sets_are_scored_as_in_distribution_under_covariate_shift(digits_run):
