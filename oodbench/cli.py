@@ -481,14 +481,14 @@ def _print_scores(run_dir: Path, m: dict[str, Any]) -> None:
         for line in m["forward_log"]:
             console.print(f"  {line}")
     t = Table(title=f"{run_dir}: AUROC / FPR@95%TPR (%)")
-    t.add_column("detector")
+    t.add_column("detector", overflow="fold")
     for o in m["ood_sets"]:
-        t.add_column(o, justify="right")
+        t.add_column(o, justify="right", overflow="fold")
     t.add_column("cost", justify="right")
     for d in m["scored"]:
         r = m["detectors"][d]
-        if r.get("applicable") is False:
-            t.add_row(d, *[f"n/a ({escape(r['reason'])})" for _ in m["ood_sets"]], "")
+        if r.get("applicable") is False:  # its reason is printed once, under the table
+            t.add_row(d, *["n/a"] * len(m["ood_sets"]), "")
             continue
         t.add_row(d, *[f"{r['ood'][o]['auroc']:.1%} / {r['ood'][o]['fpr_at_tpr95']:.1%}"
                        if o in r["ood"] else "n/a" for o in m["ood_sets"]],
@@ -496,6 +496,8 @@ def _print_scores(run_dir: Path, m: dict[str, Any]) -> None:
     out.print(t)
     for d in m["scored"]:
         r = m["detectors"][d]
+        if r.get("applicable") is False:
+            console.print(f"{d}: n/a, {escape(r['reason'])}")
         for s, n in r.get("nonfinite", {}).items():
             console.print(f"[bold red]{d}: {n} NaN/infinite score(s) on {s}; no metric computed")
         sel = r.get("selection", {})

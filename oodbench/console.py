@@ -24,6 +24,7 @@ from rich.progress import (
 from oodbench.distributed import is_main_process
 from oodbench.progress import EpochStats, StepReporter
 
+
 def log_width(stream: TextIO) -> int | None:
     """None (rich's own choice: the terminal's width, else $COLUMNS, else 80) on a terminal or
     with $COLUMNS set; LOG_WIDTH when writing to a CI log, a pipe or a file. Those do not wrap

@@ -360,6 +360,9 @@ def test_a_refusing_detector_is_na_with_its_reason_and_oracle_is_labelled(tmp_pa
     rows = {(x["loss"], x["detector"]): x for x in json.loads(r.stdout)["groups"][0]["rows"]}
     assert "linear head" in rows[("dismax", "react")]["not_applicable"]
     assert rows[("softmax", "react [oracle: patches]")]["oracle"] == "patches"
+    r = CliRunner().invoke(app, ["score", str(runs["dismax"].path), "--detector", "react"])
+    assert r.exit_code == 0, r.output
+    assert "react: n/a, ReAct recomputes the logits" in " ".join(r.output.split())
     # in the tables the refusal is named under the table, not a row of empty cells
     r = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "-f", "markdown",
                                  "--no-write"])
