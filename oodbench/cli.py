@@ -669,8 +669,9 @@ def data(
         "svhn).")] = None,
     data_root: DataRoot = None,
 ) -> None:
-    """List every dataset: status on this machine (present / missing / checksum mismatch),
-    size on disk and how to get it. Nothing is downloaded unless `--download` names it.
+    """List every dataset: status on this machine (present / missing / checksum mismatch; built
+    in for the embedded and generated sets), size on disk and how to get it. Nothing is
+    downloaded unless `--download` names it.
 
     Example: `oodbench data --data-root ../shared/data` · `oodbench data --download cifar10`
     """
@@ -681,14 +682,15 @@ def data(
 
     ctx = DataContext.resolve(data_root, download=bool(download))
     fetch(download or [], ctx)
-    colour = {"present": "green", "missing": "yellow", "checksum mismatch": "bold red"}
+    colour = {"present": "green", "built in": "green", "missing": "yellow",
+              "checksum mismatch": "bold red"}
     t = Table(title=f"datasets under {ctx.root.resolve()} (cache: {ctx.cache_root})")
     for c in ("dataset", "status", "size", "how to get it"):
         t.add_column(c, justify="right" if c == "size" else "left")
     for r in dataset_statuses(ctx):
         t.add_row(r.name, f"[{colour.get(r.status, 'white')}]{r.status}[/]",
                   human_size(r.size_bytes) if r.size_bytes else "",
-                  "" if r.status == "present" else r.how_to_get)
+                  "" if r.status in ("present", "built in") else r.how_to_get)
     out.print(t)
 
 

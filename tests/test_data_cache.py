@@ -104,5 +104,6 @@ def test_data_command_lists_status(tmp_path: Path) -> None:
     assert "checksum mismatch" in lines["mnist"]  # synthetic, not the reference files
     assert "missing" in lines["svhn"] and "--download svhn" in lines["svhn"]
     assert "missing" in lines["notmnist"]
+    assert all("built in" in lines[n] for n in ("digits", "gaussian", "uniform", "patches"))
     bad = CliRunner().invoke(app, ["data", "--download", "notmnist", "--data-root", str(root)])
     assert bad.exit_code == 2 and "cannot be downloaded" in bad.output

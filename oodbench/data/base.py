@@ -146,8 +146,9 @@ class DatasetSource:
                                 f"use one of: {', '.join(self.splits)}")
 
     def status(self, ctx: DataContext) -> str:
-        """'present', 'missing' or 'checksum mismatch' on this machine."""
-        return "present"
+        """'present', 'missing' or 'checksum mismatch' on this machine for a dataset read from
+        files; 'built in' for one embedded in oodbench or generated (no file to get)."""
+        return "built in"
 
     def missing(self, ctx: DataContext) -> list[Path]:
         """Files or folders this dataset needs that are absent (a cheap existence check, run
