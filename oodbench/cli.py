@@ -469,6 +469,24 @@ def parse_params(items: list[str] | None) -> dict[str, dict[str, object]]:
     return out
 
 
+def grouped_log(lines: list[str], most: int = 3) -> list[str]:
+    """The forward log with the sets that had the same work on one line: 25 shifted copies of
+    the test set are one line, not 25. Lines without a "set: " prefix stay as they are."""
+    groups: dict[str, list[str]] = {}
+    for line in lines:
+        name, sep, what = line.partition(": ")
+        groups.setdefault(what if sep else line, []).append(name if sep else "")
+    out = []
+    for what, names in groups.items():
+        if names == [""]:
+            out.append(what)
+        elif len(names) <= most:
+            out.append(f"{', '.join(names)}: {what}")
+        else:
+            out.append(f"{len(names)} sets ({', '.join(names[:most])} … {names[-1]}): {what}")
+    return out
+
+
 def _print_scores(run_dir: Path, m: dict[str, Any]) -> None:
     from rich.markup import escape
 
@@ -478,7 +496,7 @@ def _print_scores(run_dir: Path, m: dict[str, Any]) -> None:
         console.print("[green]all outputs from the cache: no forward pass was run")
     else:
         console.print(f"the model processed {m['images_forwarded']} images:")
-        for line in m["forward_log"]:
+        for line in grouped_log(m["forward_log"]):
             console.print(f"  {line}")
     t = Table(title=f"{run_dir}: AUROC / FPR@95%TPR (%)")
     t.add_column("detector", overflow="fold")

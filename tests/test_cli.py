@@ -106,3 +106,15 @@ def test_help_teaches_every_command():
     for cmd in ("train", "calibrate", "score", "report", "run", "list"):
         r = invoke(cmd, "--help")
         assert r.exit_code == 0 and "Example" in r.output or cmd == "list"
+
+
+def test_the_forward_log_puts_sets_with_the_same_work_on_one_line():
+    from oodbench.cli import grouped_log
+
+    shifted = [f"shift-blur-{i}: forward pass (logits)" for i in range(1, 6)]
+    lines = ["batch size 64 measured (900 img/s)", "digits (train): from the cache",
+             "digits (test): forward pass (logits)", *shifted, "patches: from the cache"]
+    assert grouped_log(lines) == [
+        "batch size 64 measured (900 img/s)",
+        "digits (train), patches: from the cache",
+        "6 sets (digits (test), shift-blur-1, shift-blur-2 … shift-blur-5): forward pass (logits)"]
