@@ -218,8 +218,9 @@ def _train_here(req: Any, ctx: Any, device: str, mixed_precision: bool | None,
     if run.is_trained():
         console.print(f"[green]{label} is already trained[/] ({run.path})")
         return
+    n = cfg.benchmark.train.epochs
     console.print(f"training {label} · model {cfg.benchmark.model} · device {dev} · "
-                  f"{cfg.benchmark.train.epochs} epochs → {run.path}")
+                  f"{n} epoch{'s' * (n != 1)} → {run.path}")
     try:
         with make_progress() as p:
             history = train_run(run, ctx, dev, RichTrainReporter(p, label), mixed_precision,

@@ -216,7 +216,8 @@ def _run_one(req: BenchmarkRequest, run: Run, label: str, ctx: DataContext,
              progress: ProgressFactory, say: Say) -> None:
     """One run's train, calibrate and score (each step skipped when already done)."""
     if not run.is_trained():
-        say(f"training {label} · {run.config().benchmark.train.epochs} epochs → {run.path}")
+        n = run.config().benchmark.train.epochs
+        say(f"training {label} · {n} epoch{'s' * (n != 1)} → {run.path}")
     train_run(run, ctx, device, reporter(label) if reporter else None,
               compile_model=req.compile_model)
     cal = calibrate_run(run, ctx, device, "nll", progress)

@@ -11,8 +11,8 @@ from oodbench.console import RichTrainReporter
 from oodbench.progress import EpochStats
 
 
-def _drive(epochs: int, from_epoch: int = 0) -> Progress:
-    p = Progress(console=Console(file=io.StringIO()))
+def _drive(epochs: int, from_epoch: int = 0, terminal: bool = False) -> Progress:
+    p = Progress(console=Console(file=io.StringIO(), force_terminal=terminal))
     rep = RichTrainReporter(p, "bench/softmax/seed0")
     rep.start(epochs, 3, from_epoch, 0)
     for e in range(from_epoch, epochs):
@@ -20,7 +20,7 @@ def _drive(epochs: int, from_epoch: int = 0) -> Progress:
             rep.step(1.0, 0.5, 100.0)
         steps = [t for t in p.tasks if "steps" in t.description]
         assert [t.completed for t in steps] == [3]  # a full epoch of steps shown
-        rep.epoch_end(EpochStats(e, 1.0, 0.5, 0.5, 100.0))
+        rep.epoch_end(EpochStats(e + 1, 1.0, 0.5, 0.25, 100.0))
     return p
 
 
@@ -45,3 +45,11 @@ def test_logs_and_pipes_get_a_width_that_fits_the_tables(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     assert log_width(io.StringIO()) is None
     assert Console(file=io.StringIO(), width=log_width(io.StringIO())).width == 100
+
+
+def test_a_log_gets_one_line_per_epoch_and_a_terminal_only_the_bars():
+    log = _drive(2).console.file.getvalue()
+    assert log.splitlines() == [
+        f"bench/softmax/seed0 epoch {e}/2 · loss 1.000 · train acc 50.0% · val acc 25.0% · "
+        "100 img/s" for e in (1, 2)]
+    assert "epoch 1/2 ·" not in _drive(2, terminal=True).console.file.getvalue()
