@@ -688,9 +688,10 @@ def data(
         "svhn).")] = None,
     data_root: DataRoot = None,
 ) -> None:
-    """List every dataset: status on this machine (present / missing / checksum mismatch; built
-    in for the embedded and generated sets), size on disk and how to get it. Nothing is
-    downloaded unless `--download` names it.
+    """List every dataset: its status here, size on disk and how to get it.
+
+    Status: present, missing or checksum mismatch; built in for the embedded digits and the
+    generated noise sets. Nothing is downloaded unless `--download` names it.
 
     Example: `oodbench data --data-root ../shared/data` · `oodbench data --download cifar10`
     """
