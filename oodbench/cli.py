@@ -650,7 +650,7 @@ def _sweep(req: Any, ctx: Any, device: str, jobs: int) -> Path:
     failed = [j for j in ran if j.returncode]
     for j in ran:
         if j.held_by:
-            console.print(f"[yellow]skipped {j.label}: {j.held_by} is training it; run this "
+            console.print(f"[yellow]skipped {j.label}: in use by {j.held_by}; run this "
                           "command again once it finishes for the complete report")
     for j in failed:
         console.print(f"[bold red]{j.label} failed while {j.failed_step}[/]: see {j.log}")

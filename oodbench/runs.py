@@ -143,10 +143,11 @@ _HELD: set[Path] = set()  # run folders this process holds (`Run.hold`)
 
 
 class RunInUse(OodbenchError):
-    """Another process holds the run folder (it is training it)."""
+    """Another process holds the run folder (a `train` of it, or `run` working on it)."""
 
     def __init__(self, path: Path, holder: str) -> None:
-        super().__init__(f"{path} is in use: {holder or 'another process'} is training it",
+        super().__init__(f"{path} is in use by {holder or 'another process'} (a `train` of this "
+                         "folder, or a `run` working on it)",
                          "wait for that process to finish (or stop it), or train another "
                          "--run-dir")
         self.path, self.holder = path, holder

@@ -70,7 +70,7 @@ def _job(run: Run, ctx: DataContext, device: str, compile_model: bool = False) -
 
 def _execute(job: Job, env: dict[str, str], on_status: Status) -> None:
     holder = job.run.in_use()
-    if holder is not None:  # another `oodbench` process is training it: leave it that one
+    if holder is not None:  # another `oodbench` process holds it: leave it that one
         job.held_by = holder
         on_status(job.label, f"skipped: in use by {holder}")
         return

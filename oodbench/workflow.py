@@ -204,7 +204,7 @@ def run_benchmark(req: BenchmarkRequest, ctx: DataContext, device: torch.device,
                 _run_one(req, run, label, ctx, device, reporter, progress, say)
         except RunInUse as e:
             busy.append(label)
-            say(f"[yellow]skipped {label}: {e.holder or 'another process'} is training it")
+            say(f"[yellow]skipped {label}: in use by {e.holder or 'another process'}")
     if busy:
         say(f"[yellow]{len(busy)} run(s) left to the processes holding them; run this command "
             "again once they finish for the complete report")

@@ -82,13 +82,13 @@ def test_train_exits_2_naming_the_holder_and_run_leaves_the_held_run_alone(tmp_p
                            capture_output=True, text=True, env=env, cwd=tmp_path)
         assert r.returncode == 2, r.stderr
         out = " ".join((r.stdout + r.stderr).split())
-        assert f"pid {holder.pid}" in out and "is training it" in out and "fix:" in out
+        assert f"pid {holder.pid}" in out and "is in use by" in out and "fix:" in out
         assert not (held / "checkpoint.pt").exists()
         r2 = CliRunner().invoke(app, ["run", str(bench), "--runs-root", str(tmp_path / "runs")],
                                 catch_exceptions=False)
     assert r2.exit_code == 0, r2.output
     text = " ".join(r2.output.split())
-    assert f"skipped locks/softmax/seed0: pid {holder.pid}" in text
+    assert f"skipped locks/softmax/seed0: in use by pid {holder.pid}" in text
     assert "run this command again" in text
     assert not (held / "checkpoint.pt").exists()
     other = tmp_path / "runs" / "locks" / "isomax-seed0" / "metrics.json"
