@@ -29,9 +29,11 @@ for b in mnist-study fashionmnist-study cifar10-jpeg-compact; do
   case $b in cifar10-jpeg-compact) extra=("$R/$b-logsoftmax" "$R/$b-logsoftmax-entropy");;
              *) extra=("$R/$b-entropy");; esac
   have $b || continue
-  for e in "${extra[@]}"; do [ -d "$e" ] || continue 2; done
+  found=()  # the log-softmax folders published so far (the table grows as they arrive)
+  for e in "${extra[@]}"; do [ -d "$e" ] && found+=("$e"); done
+  [ ${#found[@]} -gt 0 ] || continue
   echo; echo "## $b: the MiSP thesis (ReLU softmax vs log-softmax λ = 0 and λ = 1e-2)"
-  report $R/$b "${extra[@]}" --loss softmax --loss logsoftmax-resnet --metric auroc "${THESIS[@]}"
+  report $R/$b "${found[@]}" --loss softmax --loss logsoftmax-resnet --metric auroc "${THESIS[@]}"
 done
 if have cifar10-jpeg-pretrained; then
   echo; echo "## cifar10-jpeg-pretrained: every gradient-free post-hoc detector"
