@@ -2,8 +2,8 @@
 # Every run of the study (issue 14), then its records into benchmarks/results:
 #   OODBENCH_DATA=../shared/data bash benchmarks/study/run.sh [RUNS_ROOT]
 # Finished runs are skipped and unfinished ones resume from their checkpoints, so the command is
-# repeated until everything is done (about 15 CPU-hours on 2 cores: the 21 compact32 runs are
-# ~20 minutes of training each on an idle machine, the 48 MNIST-family runs a few minutes).
+# repeated until everything is done (about 15 CPU-hours on 2 cores: the 18 compact32 runs are
+# ~20 minutes of training each on an idle machine, the 42 MNIST-family runs a few minutes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=${1:-runs-study}
