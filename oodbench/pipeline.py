@@ -178,7 +178,6 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
     temperature, calibration = _temperature(run, lr, calibrated)
     dets = build_detectors(detectors or list(cfg.benchmark.detectors), params, selection,
                            oracle=oracle is not None)
-    asked = list(dets)  # before `plan` drops the detectors that refuse this model
     p = plan(dets, lr.model.block_names, temperature, calibrated, ood_validation, oracle)
     _check_blocks(p, cfg.benchmark.model)
     with main_first():  # rank 0 decodes (and caches) the data; the others then read it
@@ -198,7 +197,7 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
     write_scores(run, {n: s.per_set for n, s in scores.items()})
     metrics = merge_metrics(run, metrics)  # writes metrics.json under its lock
     return {**metrics, "forward_log": lr.log, "images_forwarded": lr.images_forwarded,
-            "scored": asked}
+            "scored": list(dets)}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -149,7 +149,8 @@ def plan(detectors: dict[str, Detector], block_names: tuple[str, ...],
     def keys(names: list[str]) -> frozenset[str]:
         return frozenset().union(*(detectors[n].required_outputs(block_names) for n in names))
 
-    p = Plan(detectors, block_names, keys(list(detectors)) | set(BASE_OUTPUTS), frozenset(),
+    # its own dict: refusing a detector (`Plan.refuse`) must not change the caller's
+    p = Plan(dict(detectors), block_names, keys(list(detectors)) | set(BASE_OUTPUTS), frozenset(),
              frozenset(), (), (), temperature, calibrated, ood_validation, oracle)
     p.fit_keys = keys(p.fitting)
     p.select_keys = keys(p.selecting)
