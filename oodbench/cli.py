@@ -473,14 +473,14 @@ def parse_params(items: list[str] | None) -> dict[str, dict[str, object]]:
 def grouped_log(lines: list[str], most: int = 3) -> list[str]:
     """The forward log with the sets that had the same work on one line: 25 shifted copies of
     the test set are one line, not 25. Lines without a "set: " prefix stay as they are."""
-    groups: dict[str, list[str]] = {}
+    groups: dict[tuple[bool, str], list[str]] = {}  # (per set?, text) → the sets
     for line in lines:
         name, sep, what = line.partition(": ")
-        groups.setdefault(what if sep else line, []).append(name if sep else "")
+        groups.setdefault((bool(sep), what if sep else line), []).append(name)
     out = []
-    for what, names in groups.items():
-        if names == [""]:
-            out.append(what)
+    for (per_set, what), names in groups.items():
+        if not per_set:
+            out.extend([what] * len(names))
         elif len(names) <= most:
             out.append(f"{', '.join(names)}: {what}")
         else:

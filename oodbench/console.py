@@ -70,12 +70,12 @@ class RichTrainReporter(StepReporter):
     def __init__(self, progress: Progress, label: str) -> None:
         self.p, self.label = progress, label
         self.epoch_task = self.step_task = None
-        self.epochs_left = self.epochs = 0
+        self.epochs = 0
 
     def start(self, epochs: int, steps_per_epoch: int, epoch: int, step: int) -> None:
         if epoch or step:
             console.print(f"[yellow]resuming {self.label} at epoch {epoch + 1}, step {step}")
-        self.epochs_left, self.epochs = epochs - epoch, epochs
+        self.epochs = epochs
         self.epoch_task = self.p.add_task(f"{self.label} epochs", total=epochs,
                                           completed=epoch, info="")
         self.step_task = self.p.add_task("  steps", total=steps_per_epoch, completed=step,
@@ -93,8 +93,7 @@ class RichTrainReporter(StepReporter):
                 f"{self.label} epoch {stats.epoch}/{self.epochs} · loss {stats.loss:.3f} · "
                 f"train acc {stats.train_accuracy:.1%} · val acc {stats.val_accuracy:.1%} · "
                 f"{stats.images_per_second:.0f} img/s", soft_wrap=True)
-        self.epochs_left -= 1
-        if self.epochs_left <= 0:  # no next epoch: a "0/N steps" line left behind would be false
+        if stats.epoch >= self.epochs:  # no next epoch: a "0/N steps" line would be false
             self.p.remove_task(self.step_task)
         else:
             self.p.reset(self.step_task, info="")
