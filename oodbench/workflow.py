@@ -128,9 +128,8 @@ def launch_training(req: TrainRequest, ctx: DataContext, device: str, nproc: int
                             "pass --device cuda with at most that many processes")
     run = prepare_run(req, ctx)
     check_batch_split(run.config().benchmark.train.batch_size, nproc)
-    holder = run.in_use()
-    if holder is not None:
-        raise RunInUse(run.path, holder)
+    with run.hold():  # another process holding the run: RunInUse before any process starts
+        pass
     argv = ["train", "--run-dir", str(run.path.resolve()), "--data-root",
             str(ctx.root.resolve()), "--device", device]
     if mixed_precision is not None:
