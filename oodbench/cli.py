@@ -603,6 +603,10 @@ def run(
         metavar="N", min=1,
         help="Run the (loss × seed) runs as N parallel processes (each a train, calibrate, "
              "score of its run folder; log in RUN/job.log). Complete runs are skipped.")] = 1,
+    rescore: Annotated[bool, typer.Option(
+        "--rescore", help="Calibrate and score finished runs again even when their results are "
+        "up to date (e.g. after changing a detector's code). Training is never redone.")
+                       ] = False,
     runs_root: RunsRoot = Path("runs"),
     data_root: DataRoot = None,
     device: Device = "auto",
@@ -610,7 +614,10 @@ def run(
 ) -> None:
     """Train, calibrate, score and report a whole benchmark (every loss × seed).
 
-    Finished steps are skipped, so an interrupted `run` continues where it stopped.
+    Finished steps are skipped, so an interrupted `run` continues where it stopped: an
+    unfinished run resumes from its checkpoint, a calibration fitted on the current weights is
+    kept, and results that cover every detector and OOD set on those weights are not scored
+    again (--rescore does).
 
     Example: `oodbench run` (embedded digits, no download) ·
     `oodbench run benchmarks/mnist.yaml --data-root ../shared/data` · `oodbench run --epochs 2`
@@ -621,7 +628,7 @@ def run(
     from oodbench.report_command import ReportOptions, run_report
     from oodbench.workflow import BenchmarkRequest, run_benchmark
 
-    req = BenchmarkRequest(benchmark, loss, seeds, epochs, runs_root, compile_model)
+    req = BenchmarkRequest(benchmark, loss, seeds, epochs, runs_root, compile_model, rescore)
     if jobs > 1:
         folder = _sweep(req, DataContext.resolve(data_root), str(pick_device(device)), jobs)
     else:

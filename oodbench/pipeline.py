@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 from oodbench import __version__
 from oodbench.cache import OutputCache, code_digest, model_digest
 from oodbench.calibrate import fit_temperature
+from oodbench.config import RunConfig
 from oodbench.data import DataContext, get_dataset
 from oodbench.distributed import joined_world, main_first, on_main
 from oodbench.errors import OodbenchError
@@ -52,7 +54,7 @@ from oodbench.scoring import (
     sharded_forward,
 )
 
-__all__ = ["build_detectors", "calibrate_run", "load_run", "score_run"]
+__all__ = ["RunState", "build_detectors", "calibrate_run", "load_run", "run_state", "score_run"]
 
 
 def environment() -> dict[str, Any]:
@@ -198,6 +200,44 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
     metrics = merge_metrics(run, metrics)  # writes metrics.json under its lock
     return {**metrics, "forward_log": lr.log, "images_forwarded": lr.images_forwarded,
             "scored": list(dets)}
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Which post-training steps of a run are done for its current weights (what `run` skips)."""
+
+    calibrated: bool
+    scored: bool
+    temperature: float | None = None
+
+
+def run_state(run: Run) -> RunState:
+    """Calibrated = calibration.json was fitted on the checkpoint's weights. Scored = metrics.json
+    was scored on those weights and the same forward code, with that calibration, for every
+    detector and OOD set of the run's config. Decided by content (weight and code digests),
+    not file times, so a copied or touched run folder is judged right."""
+    if not run.is_trained():
+        return RunState(False, False)
+    lr = load_run(run, torch.device("cpu"))
+    cal = run.calibration()
+    if cal is None or cal.get("weights") != lr.weights:
+        return RunState(False, False)
+    m = read_json(run.metrics_path) if run.metrics_path.exists() else {}
+    scored = (isinstance(m, dict) and m.get("weights") == lr.weights and m.get("code") == lr.code
+              and m.get("calibration") == cal and _covers(m, run.config()))
+    return RunState(True, scored, float(cal["temperature"]))
+
+
+def _covers(m: dict[str, Any], cfg: RunConfig) -> bool:
+    """metrics.json holds every configured detector (an n/a one with its reason) on every
+    configured OOD set, and the shift results when the config asks for them."""
+    sets = {o.name for o in cfg.benchmark.ood}
+    dets = m.get("detectors")
+    if not isinstance(dets, dict) or (cfg.benchmark.shift and not m.get("shift")):
+        return False
+    return all(isinstance(dets.get(d), dict) and (dets[d].get("applicable") is False
+                                                  or sets <= set(dets[d].get("ood", [])))
+               for d in cfg.benchmark.detectors)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

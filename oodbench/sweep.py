@@ -19,6 +19,7 @@ from pathlib import Path
 
 from oodbench.data import DataContext
 from oodbench.distributed import refuse_under_torchrun
+from oodbench.pipeline import run_state
 from oodbench.runs import Run
 from oodbench.workflow import BenchmarkRequest, benchmark_runs
 
@@ -26,18 +27,9 @@ Status = Callable[[str, str], None]  # (run label, step) → shown by the CLI
 
 
 def is_complete(run: Run) -> bool:
-    """Trained, calibrated and scored for every benchmark detector, after the last checkpoint."""
-    if not run.checkpoint_path.exists() or not run.metrics_path.exists():
-        return False
-    newer = run.checkpoint_path.stat().st_mtime
-    if not run.calibration_path.exists() or run.calibration_path.stat().st_mtime < newer:
-        return False
-    if run.metrics_path.stat().st_mtime < newer or not run.is_trained():
-        return False
-    from oodbench.io import read_json
-
-    scored = read_json(run.metrics_path).get("detectors", {})
-    return set(run.config().benchmark.detectors) <= set(scored)
+    """Trained, calibrated and scored for every benchmark detector and set on the current
+    weights (`pipeline.run_state`: by content, the same test the single-process `run` uses)."""
+    return run_state(run).scored
 
 
 @dataclass
@@ -96,7 +88,7 @@ def run_sweep(req: BenchmarkRequest, ctx: DataContext, device: str, jobs: int,
     runs = benchmark_runs(req, ctx)
     todo = []
     for run in runs:
-        if is_complete(run):
+        if not req.rescore and is_complete(run):
             on_status(_job(run, ctx, device).label, "complete: skipped")
         else:
             todo.append(_job(run, ctx, device, req.compile_model))

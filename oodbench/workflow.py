@@ -26,7 +26,7 @@ from oodbench.experiment import (
     pick_device,
     with_absolute_folders,
 )
-from oodbench.pipeline import calibrate_run, score_run
+from oodbench.pipeline import RunState, calibrate_run, run_state, score_run
 from oodbench.runs import Run, RunInUse, default_run_dir
 from oodbench.scoring import ProgressFactory, no_progress
 from oodbench.train import StepReporter, check_batch_split, make_criterion, train
@@ -172,6 +172,7 @@ class BenchmarkRequest:
     epochs: int | None = None
     runs_root: Path = Path("runs")
     compile_model: bool = False  # torch.compile each run's training forward
+    rescore: bool = False  # calibrate and score finished runs again even when up to date
 
 
 def benchmark_runs(req: BenchmarkRequest, ctx: DataContext) -> list[Run]:
@@ -219,11 +220,19 @@ def _run_one(req: BenchmarkRequest, run: Run, label: str, ctx: DataContext,
         say(f"training {label} · {n} epoch{'s' * (n != 1)} → {run.path}")
     train_run(run, ctx, device, reporter(label) if reporter else None,
               compile_model=req.compile_model)
-    cal = calibrate_run(run, ctx, device, "nll", progress)
-    say(f"calibrated {label}: T = {cal['temperature']:.3f}")
-    for warning in calibration_warnings(cal):
-        say(f"[yellow]warning: {warning}")
-    score_run(run, ctx, device, None, False, progress)
+    state = RunState(False, False) if req.rescore else run_state(run)
+    if state.calibrated:
+        say(f"calibrated {label}: T = {state.temperature:.3f} (kept: fitted on these weights)")
+    else:
+        cal = calibrate_run(run, ctx, device, "nll", progress)
+        say(f"calibrated {label}: T = {cal['temperature']:.3f}")
+        for warning in calibration_warnings(cal):
+            say(f"[yellow]warning: {warning}")
+    if state.scored:
+        say(f"scored {label}: kept (metrics.json covers every detector and set on these "
+            "weights; --rescore scores again)")
+    else:
+        score_run(run, ctx, device, None, False, progress)
 
 
 def calibration_warnings(res: dict[str, Any]) -> list[str]:
