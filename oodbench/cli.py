@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from oodbench.errors import OodbenchError
+from oodbench.errors import OodbenchError, interrupt_exit_code
 
 app = typer.Typer(
     name="oodbench",
@@ -80,8 +80,14 @@ def command(name: str | None = None) -> Callable[[Callable[..., Any]], Callable[
                 return result
             except OodbenchError as e:
                 _fail(e)
-            except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+            except (typer.Exit, typer.Abort, SystemExit):
                 raise
+            except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: work saved, exit 130 / 143
+                from oodbench.console import console
+
+                console.print("[yellow]interrupted. Run the same command to continue: finished "
+                              "work is kept and training resumes from its last checkpoint.")
+                raise typer.Exit(interrupt_exit_code(e)) from None
             except Exception:
                 from oodbench.console import errors
 
@@ -225,10 +231,10 @@ def _train_here(req: Any, ctx: Any, device: str, mixed_precision: bool | None,
         with make_progress() as p:
             history = train_run(run, ctx, dev, RichTrainReporter(p, label), mixed_precision,
                                 compile_model)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         console.print(f"[yellow]interrupted; checkpoint saved. Run the same command to resume "
                       f"({run.path}).")
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupt_exit_code(e)) from None
     console.print(f"[green]done[/] {label}: val accuracy {history[-1]['val_accuracy']:.1%}")
 
 
@@ -238,10 +244,10 @@ def _launch(start: Callable[[], int]) -> None:
 
     try:
         code = start()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         console.print("[yellow]interrupted. Run the same command to resume from the last "
                       "checkpoint.")
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupt_exit_code(e)) from None
     if code:
         console.print(f"[bold red]torchrun exited with code {code}[/] (its output is above)")
         raise typer.Exit(code)

@@ -26,3 +26,16 @@ class UnknownNameError(OodbenchError, KeyError):
             f"use one of: {', '.join(valid)}" if valid else f"no {kind} is registered",
         )
         self.kind, self.name, self.valid = kind, name, valid
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a cancelled CI job, `kill`, a scheduler's preemption) raised where Ctrl-C's
+    KeyboardInterrupt would be, so training saves a checkpoint on either; the command then
+    exits 143 (128 + SIGTERM) where Ctrl-C exits 130."""
+
+    exit_code = 143
+
+
+def interrupt_exit_code(e: KeyboardInterrupt) -> int:
+    """The shell's code for how the command was stopped: 143 for SIGTERM, 130 for Ctrl-C."""
+    return getattr(e, "exit_code", 130)

@@ -3,10 +3,10 @@ by index, augments it with batched tensor ops and normalises it, so no per-sampl
 
 Resumable and reproducible: the epoch's shuffle comes from a generator seeded by (seed, epoch),
 and every step reseeds the global RNG from (seed, epoch, step) before its augmentation and loss
-preprocessing. A checkpoint (every epoch, every `checkpoint_seconds` mid-epoch, and on Ctrl-C)
-holds weights, optimizer state and the position; resuming replays the same random numbers, so a
-resumed CPU run ends with the same weights as an uninterrupted one. The learning rate is a pure
-function of the global step, so there is no scheduler state to restore.
+preprocessing. A checkpoint (every epoch, every `checkpoint_seconds` mid-epoch, and on Ctrl-C or
+SIGTERM) holds weights, optimizer state and the position; resuming replays the same random
+numbers, so a resumed CPU run ends with the same weights as an uninterrupted one. The learning
+rate is a pure function of the global step, so there is no scheduler state to restore.
 
 The loss is `criterion.training_loss(model.forward_all(x, aux=criterion.aux), targets)` (see
 oodbench.losses.base), so losses that need more than the logits plug in without trainer changes.
@@ -55,7 +55,7 @@ from oodbench.distributed import (
     joined_world,
     main_first,
 )
-from oodbench.errors import OodbenchError
+from oodbench.errors import OodbenchError, Terminated
 from oodbench.experiment import (
     build_model,
     in_distribution_info,
@@ -147,16 +147,27 @@ def training_forward(model: Classifier, device: torch.device,
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """A second Ctrl-C (or torchrun forwarding the first one) must not cut the save short."""
+def _signals(handlers: dict[signal.Signals, Any]) -> Iterator[None]:
+    """Signal handlers for the block (main thread only: Python allows no other)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _stop_signals_ignored() -> contextlib.AbstractContextManager[None]:
+    """A second Ctrl-C or SIGTERM (or torchrun forwarding the first) must not cut the save
+    short."""
+    return _signals({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN})
 
 
 def _checkpoint(model, optimizer, epoch: int, step: int, history: list[dict[str, Any]],
@@ -353,12 +364,25 @@ class _Trainer:
             self.partial = {"loss_sum": loss_sum, "correct": correct,
                             "seen": int(seen), "counted": int(counted)}
             after_step()
+        speed = seen_now / max(time.perf_counter() - tic, 1e-9)  # training only, not validation
         broadcast_buffers(self.model)  # rank 0's statistics: the ones the checkpoint holds
         p = self.partial
         return EpochStats(self.epoch + 1, p["loss_sum"] / max(p["seen"], 1),
                           p["correct"] / max(p["counted"], 1),
-                          evaluate_accuracy(self.model, self.val_set, self.transform),
-                          seen_now / max(time.perf_counter() - tic, 1e-9))
+                          evaluate_accuracy(self.model, self.val_set, self.transform), speed)
+
+
+def _epochs(tr: _Trainer, reporter: StepReporter, after_step: Callable[[], None],
+            calls: dict[str, float]) -> None:
+    """The remaining epochs, each ending with a checkpoint."""
+    while tr.epoch < tr.t.epochs:
+        stats = tr.run_epoch(reporter, after_step)
+        tr.history.append(stats.__dict__)
+        tr.epoch, tr.step = tr.epoch + 1, 0
+        tr.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "counted": 0}
+        tr.save(finished=tr.epoch >= tr.t.epochs)
+        calls["saved"] = time.monotonic()
+        reporter.epoch_end(stats)
 
 
 def train(run: Run, ctx: DataContext, device: torch.device,
@@ -393,16 +417,10 @@ def train(run: Run, ctx: DataContext, device: torch.device,
             calls["saved"] = time.monotonic()
 
     try:
-        while tr.epoch < tr.t.epochs:
-            stats = tr.run_epoch(reporter, after_step)
-            tr.history.append(stats.__dict__)
-            tr.epoch, tr.step = tr.epoch + 1, 0
-            tr.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "counted": 0}
-            tr.save(finished=tr.epoch >= tr.t.epochs)
-            calls["saved"] = time.monotonic()
-            reporter.epoch_end(stats)
+        with _signals({signal.SIGTERM: _terminate}):  # SIGTERM saves, as Ctrl-C does
+            _epochs(tr, reporter, after_step, calls)
     except KeyboardInterrupt:
-        with _sigint_ignored():
+        with _stop_signals_ignored():
             tr.save()
         raise
     if tr.world.main:

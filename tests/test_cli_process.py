@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -76,6 +77,32 @@ def test_corrupt_checkpoint_and_cache_give_exit_2_with_the_fix(tmp_path):
     r = oodbench("score", run, cwd=tmp_path)
     assert r.returncode == 2 and "cannot read checkpoint" in r.stderr
     assert "train again" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_with_a_checkpoint_and_exit_143(tmp_path):
+    """What a cancelled CI job or a preempting scheduler does: SIGTERM after the first epoch.
+    The command saves, says how to resume and exits 128 + 15 (the resume is tested in
+    test_train.py)."""
+    cfg = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    cfg.update(name="long", losses=["softmax"], detectors=["msp"])
+    cfg["train"].update(epochs=500, checkpoint_seconds=1e9)  # no periodic mid-epoch save
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    argv = [sys.executable, "-m", "oodbench", "train", "--benchmark", "long.yaml", "--loss",
+            "softmax"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # not a terminal: one line per epoch
+        if "epoch 1/500" in line:
+            break
+    proc.terminate()
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 143, rest
+    assert "checkpoint saved" in rest and "Run the same command to resume" in rest
+    state = torch.load(tmp_path / "runs/long/softmax-seed0/checkpoint.pt", weights_only=True)
+    assert not state["finished"] and state["epoch"] >= 1
 
 
 def invoke(*args: object):

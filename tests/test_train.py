@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from typer.testing import CliRunner
 from oodbench.cli import app
 from oodbench.config import RunConfig, TrainConfig, load_benchmark
 from oodbench.data import DataContext
-from oodbench.errors import OodbenchError
+from oodbench.errors import OodbenchError, Terminated
 from oodbench.experiment import build_model
 from oodbench.losses import LOSSES
 from oodbench.runs import Run
@@ -156,3 +158,47 @@ def test_compile_flag_compiles_the_training_forward_and_saves_the_plain_model(
     assert state["finished"] and state["history"][0]["loss"] == state["history"][0]["loss"]
     plain = build_model(RunConfig(load_benchmark("digits-near"), "dismax", 0, {}))
     assert list(state["model"]) == list(plain.state_dict())
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c_and_the_run_resumes(tmp_path: Path) -> None:
+    """A cancelled CI job or a scheduler's preemption sends SIGTERM: the loop saves where it
+    stopped (not at the last periodic checkpoint) and raises Terminated (exit 143 in the CLI)."""
+    ctx, cpu = DataContext.resolve(), torch.device("cpu")
+    cfg = _cfg("dismax")
+    cfg.benchmark.train.checkpoint_seconds = 1e9  # no periodic save: only the signal's
+    run = Run.create(tmp_path / "run", cfg)
+
+    def terminate(steps: int) -> None:
+        if steps == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Terminated):
+        train(run, ctx, cpu, on_step=terminate)
+    state = run.require_checkpoint()
+    assert not state["finished"] and (state["epoch"], state["step"]) == (0, 3)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was put back
+    train(run, ctx, cpu)
+    assert run.is_trained()
+
+
+def test_the_epoch_speed_counts_training_steps_not_the_validation_pass(tmp_path, monkeypatch):
+    """A clock that advances 1 s per training step and 1000 s in the validation pass: the
+    images/s of an epoch is its images over its 8 step-seconds."""
+    import oodbench.train as train_module
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock["now"])
+    real_eval = train_module.evaluate_accuracy
+
+    def slow_eval(*args: object) -> float:
+        clock["now"] += 1000.0
+        return real_eval(*args)
+
+    monkeypatch.setattr(train_module, "evaluate_accuracy", slow_eval)
+    cfg = _cfg("dismax")
+    cfg.benchmark.train.epochs = 1
+    run = Run.create(tmp_path / "run", cfg)
+    history = train(run, DataContext.resolve(), torch.device("cpu"),
+                    on_step=lambda steps: clock.__setitem__("now", clock["now"] + 1.0))
+    # digits-near: 8 full steps of 64 (the 23 images left over are not a step)
+    assert history[0]["images_per_second"] == pytest.approx(8 * 64 / 8)
