@@ -111,7 +111,8 @@ def shift_tables(g: dict[str, Any]) -> list[TableModel]:
 
 def classification_table(g: dict[str, Any]) -> TableModel:
     t = TableModel(f"{_group_title(g)} · classification (%; NLL in nats; T = temperature)",
-                   ["loss", "accuracy", "ECE", "NLL", "ECE calibrated", "NLL calibrated", "T"])
+                   ["loss", "accuracy", "ECE", "NLL", "ECE calibrated", "NLL calibrated", "T"],
+                   caption=f"mean ± std over {_seeds_caption(g, rows=False)}")
     for loss, c in g["classification"].items():
         unc, cal = c.get("uncalibrated", {}), c.get("calibrated", {})
         t.add([loss, fmt(unc.get("accuracy")), fmt(unc.get("ece")),
@@ -123,6 +124,24 @@ def classification_table(g: dict[str, Any]) -> TableModel:
 
 def _seeds_text(seeds: list[int]) -> str:
     return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} {seeds}"
+
+
+def _seeds_caption(g: dict[str, Any], rows: bool = True) -> str:
+    """The group's seeds, the losses that have fewer and, with `rows`, the rows that have fewer
+    than their loss: a caption saying "3 seeds" under a loss with 2 would be false for it."""
+    fewer: dict[tuple[int, ...], list[str]] = {}
+    for loss, c in g["classification"].items():
+        if c.get("seeds", g["seeds"]) != g["seeds"]:
+            fewer.setdefault(tuple(c["seeds"]), []).append(loss)
+    for r in g["rows"] if rows else []:
+        of_loss = g["classification"].get(r["loss"], {}).get("seeds", g["seeds"])
+        if r.get("seeds", of_loss) != of_loss and not r.get("not_applicable"):
+            fewer.setdefault(tuple(r["seeds"]), []).append(f"{r['loss']} {r['detector']}")
+    text = _seeds_text(g["seeds"])
+    if not fewer:
+        return text
+    return text + " (" + "; ".join(f"{', '.join(names)}: {_seeds_text(list(s))}"
+                                   for s, names in fewer.items()) + ")"
 
 
 def _tie_caption(rep: dict[str, Any]) -> str:
@@ -165,8 +184,8 @@ def report_tables(rep: dict[str, Any], metrics: tuple[str, ...],
             ties = m == "auroc" and "ties" in g
             t = TableModel(f"{_group_title(g)} · {NAMES[m]} {arrow} (%)",
                            ["loss", "detector", *[_col_label(g, c) for c in cols], "cost ×"],
-                           caption="mean ± std over "
-                                   f"{_seeds_text(g['seeds'])}; best per column emphasised"
+                           caption=f"mean ± std over {_seeds_caption(g)}; best per column "
+                                   "emphasised"
                                    + (_tie_caption(rep) if ties else "") + _na_caption(g),
                            right_from=2)
             for r in g["rows"]:
@@ -207,7 +226,7 @@ def selective_tables(g: dict[str, Any], metrics: tuple[str, ...]) -> list[TableM
     have these metrics (runs scored before they existed have none)."""
     heads = ["loss", "detector", *[f"{NAMES[m]} {'↑' if HIGHER_IS_BETTER[m] else '↓'}"
                                    for m in metrics]]
-    seeds = _seeds_text(g["seeds"])
+    seeds = _seeds_caption(g)
     out = []
     t = TableModel(f"{_group_title(g)} · selective classification, in-distribution test set (%)",
                    heads, caption=f"mean ± std over {seeds}; misclassification AUROC: correct vs "

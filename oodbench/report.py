@@ -358,14 +358,20 @@ def build_report(runs: list[LoadedMetrics], filters: Filters | None = None,
 
 
 def seed_warnings(g: dict[str, Any]) -> list[str]:
-    """A warning when a group has too few seeds to tell a real difference from seed noise."""
+    """A warning when a group, or a loss within it, has too few seeds to tell a real difference
+    from seed noise (a loss with one seed beside others with three is named)."""
+    title = f"{g['benchmark']} · {g['in_distribution']} · {g['model']}"
+    advice = (f"with fewer than {MIN_SEEDS} seeds a difference between rows may be seed "
+              "noise: do not conclude from it")
     n = len(g["seeds"])
-    if n >= MIN_SEEDS:
-        return []
-    return [f"{g['benchmark']} · {g['in_distribution']} · {g['model']}: {n} seed"
-            f"{'s' if n != 1 else ''} ({', '.join(map(str, g['seeds']))}); with fewer than "
-            f"{MIN_SEEDS} seeds a difference between rows may be seed noise: do not conclude "
-            "from it"]
+    if n < MIN_SEEDS:
+        return [f"{title}: {n} seed{'s' if n != 1 else ''} ({', '.join(map(str, g['seeds']))}); "
+                f"{advice}"]
+    few = {loss: c["seeds"] for loss, c in g["classification"].items()
+           if len(c.get("seeds", g["seeds"])) < MIN_SEEDS}
+    return [f"{title}: " + "; ".join(f"{loss} has {len(s)} seed{'s' if len(s) != 1 else ''} "
+                                     f"({', '.join(map(str, s))})" for loss, s in few.items())
+            + f"; {advice}"] if few else []
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -534,7 +540,7 @@ def _labelled(row: dict[str, Any], v: Any, det: str) -> dict[str, Any]:
 
 
 def _classification(runs: list[LoadedMetrics], filters: Filters) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"seeds": sorted(r.data["seed"] for r in runs)}
     for state in ("uncalibrated", "calibrated"):
         vals = [r.data["classification"][state] for r in runs
                 if state in r.data["classification"]]

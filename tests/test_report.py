@@ -101,6 +101,39 @@ def test_json_matches_schema_and_aggregates(runs: Path):
     assert manifest["report_packages"]["numpy"] == np.__version__
 
 
+def test_captions_and_warnings_name_a_loss_or_row_with_fewer_seeds(runs: Path):
+    """softmax has seeds 0–2, dismax 0–1, and dismax's mmles only seed 0: a caption saying
+    "3 seeds" would be false for dismax's rows, and a 3-seed group must still warn."""
+    write_run(runs, "softmax", 2, 1.0)
+    metrics = runs / "dismax-seed1" / "metrics.json"
+    m = json.loads(metrics.read_text())
+    del m["detectors"]["mmles"]
+    metrics.write_text(json.dumps(m))
+    res = invoke(runs, "-f", "markdown", "--no-write")
+    assert res.exit_code == 0, res.output
+    assert "_mean ± std over 3 seeds [0, 1, 2] (dismax: 2 seeds [0, 1])_" in res.output
+    # the OOD tables name the loss once, and a row only where it has fewer seeds than its loss
+    assert ("mean ± std over 3 seeds [0, 1, 2] (dismax: 2 seeds [0, 1]; dismax mmles: 1 seed "
+            "[0]); best per column" in res.output)
+    assert "dismax has 2 seeds (0, 1)" in res.output
+    doc = json.loads(invoke(runs, "-f", "json", "--no-write").stdout)
+    (g,) = doc["groups"]
+    assert g["classification"]["dismax"]["seeds"] == [0, 1]
+    assert g["classification"]["softmax"]["seeds"] == [0, 1, 2]
+    assert errors(doc, SCHEMA) == []
+    res = invoke(runs, "-f", "markdown", "--no-write", "--loss", "softmax")
+    assert "over 3 seeds [0, 1, 2]; best" in res.output and "has 2 seeds" not in res.output
+
+
+def test_a_row_with_fewer_seeds_than_its_loss_is_named(runs: Path):
+    metrics = runs / "dismax-seed1" / "metrics.json"
+    m = json.loads(metrics.read_text())
+    del m["detectors"]["mmles"]
+    metrics.write_text(json.dumps(m))
+    res = invoke(runs, "-f", "markdown", "--no-write")
+    assert "over 2 seeds [0, 1] (dismax mmles: 1 seed [0]); best" in res.output
+
+
 def test_schema_rejects_a_broken_report(runs: Path):
     doc = json.loads(invoke(runs, "-f", "json", "--no-write").stdout)
     doc["groups"][0]["rows"][0]["ood"]["near1"]["auroc"]["std"] = -1
