@@ -658,6 +658,8 @@ def _sweep(req: Any, ctx: Any, device: str, jobs: int) -> Path:
             done = step == "done" or "skipped" in step
             p.update(tasks[label], info=step, total=1 if done else None,
                      completed=1 if done else 0)
+            if not console.is_terminal:  # a log draws no bars: each step as a line
+                console.print(f"{label}: {step}", soft_wrap=True)
 
         folder, ran = run_sweep(req, ctx, device, jobs, status)
     failed = [j for j in ran if j.returncode]

@@ -41,9 +41,13 @@ errors = Console(stderr=True, width=log_width(sys.stderr))
 
 
 def make_progress() -> Progress:
+    """Bars on a terminal. In a CI log, a pipe or a file nothing is drawn while work runs, and
+    the finished bars are not printed either (transient): there the commands print lines of
+    their own (one per epoch, the forward log), and 24 full bars would only be noise."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    console=console, transient=False, disable=not is_main_process())
+                    console=console, transient=not console.is_terminal,
+                    disable=not is_main_process())
 
 
 @contextmanager

@@ -31,8 +31,10 @@ def test_the_ci_usage_works_in_an_empty_folder(tmp_path):
     """Nothing else typed: the default benchmark (digits), the default runs root."""
     r = oodbench("train", "--loss", "dismax", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "epoch 30/30 ·" in r.stderr and "━" not in r.stderr  # a log: lines, no bars
     r = oodbench("score", "--detector", "odin", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "━" not in r.stderr and "forward pass (logits" in r.stderr
     assert "runs/digits/dismax-seed0" in r.stderr  # says which runs it chose
     assert "no forward pass was run" not in r.stdout + r.stderr  # it ran ODIN's passes
     r = oodbench("report", cwd=tmp_path)

@@ -32,6 +32,8 @@ def test_a_sweep_runs_in_parallel_and_a_rerun_skips_finished_runs(tmp_path, monk
     bench = _bench(tmp_path)
     r = CliRunner().invoke(app, ["run", str(bench), "--jobs", "2"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
+    # not a terminal: each job's steps are printed as lines (no bars are drawn in a log)
+    assert "softmax/seed0: training" in r.output and "dismax/seed0: done" in r.output
     runs = tmp_path / "runs" / "sweep"
     for loss in ("softmax", "dismax"):
         run = runs / f"{loss}-seed0"
@@ -48,5 +50,6 @@ def test_a_sweep_runs_in_parallel_and_a_rerun_skips_finished_runs(tmp_path, monk
     r = CliRunner().invoke(app, ["run", str(bench), "--jobs", "2"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert os.stat(runs / "softmax-seed0" / "metrics.json").st_mtime_ns == before
+    assert "softmax/seed0: complete: skipped" in r.output
     assert torch.load(ckpt_path, weights_only=True)["finished"]
     assert "resuming" in (runs / "dismax-seed0" / "job.log").read_text()
