@@ -17,6 +17,7 @@ Temporaries of a process killed while writing are removed when the folder is nex
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -93,9 +94,10 @@ class Run:
     def hold(self) -> Iterator[None]:
         """Hold this run folder for the block, so no other process trains it meanwhile: two
         trainings of one run would write one checkpoint in turns. A second process gets an
-        error naming the holder (exit 2) instead. Re-entrant within one process."""
+        error naming the holder (exit 2) instead. Re-entrant within one process, and a no-op in
+        a child the holder started for this run (`HELD_BY_PARENT`)."""
         key = self.path.resolve()
-        if key in _HELD:
+        if _held_here(key):
             yield
             return
         stack = contextlib.ExitStack()
@@ -112,7 +114,7 @@ class Run:
 
     def in_use(self) -> str | None:
         """Who holds this run folder ("pid N on HOST", or "another process"), else None."""
-        if self.path.resolve() in _HELD:
+        if _held_here(self.path.resolve()):
             return None
         try:
             with held_now(self.path / "run.lock"):
@@ -140,6 +142,14 @@ class Run:
 
 
 _HELD: set[Path] = set()  # run folders this process holds (`Run.hold`)
+# Run folders a parent process holds for this one (`oodbench run --jobs` holds each run for its
+# train → calibrate → score children): os.pathsep-separated resolved paths.
+HELD_BY_PARENT = "OODBENCH_HELD_BY_PARENT"
+
+
+def _held_here(key: Path) -> bool:
+    """This process holds `key`, or its parent does on its behalf."""
+    return key in _HELD or str(key) in os.environ.get(HELD_BY_PARENT, "").split(os.pathsep)
 
 
 class RunInUse(OodbenchError):

@@ -1,9 +1,10 @@
 """`oodbench run --jobs N`: the independent (loss × seed) runs of a benchmark as N parallel
 processes, each the same three commands a user would type (`train`, `calibrate`, `score` on its
 run folder), so a sweep is nothing but the ordinary, resumable steps. A run whose results are
-complete is skipped, and so is one another process is training (`Run.in_use`); an unfinished
-one resumes from its checkpoint. Each job's output goes to `<run>/job.log`; its current step is
-reported through `on_status`.
+complete is skipped, and so is one another process holds (`Run.hold`: this process holds each
+run for its three children, so a concurrent `run` cannot calibrate or score it twice); an
+unfinished one resumes from its checkpoint. Each job's output goes to `<run>/job.log`; its
+current step is reported through `on_status`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from oodbench.data import DataContext
 from oodbench.distributed import refuse_under_torchrun
 from oodbench.pipeline import run_state
-from oodbench.runs import Run
+from oodbench.runs import HELD_BY_PARENT, Run, RunInUse
 from oodbench.workflow import BenchmarkRequest, benchmark_runs
 
 Status = Callable[[str, str], None]  # (run label, step) → shown by the CLI
@@ -61,11 +62,17 @@ def _job(run: Run, ctx: DataContext, device: str, compile_model: bool = False) -
 
 
 def _execute(job: Job, env: dict[str, str], on_status: Status) -> None:
-    holder = job.run.in_use()
-    if holder is not None:  # another `oodbench` process holds it: leave it that one
-        job.held_by = holder
-        on_status(job.label, f"skipped: in use by {holder}")
-        return
+    """The job's steps, with its run folder held for all three: its children are told the
+    hold is theirs, and no other `oodbench` process can train, calibrate or score it meanwhile."""
+    try:
+        with job.run.hold():
+            _steps(job, {**env, HELD_BY_PARENT: str(job.run.path.resolve())}, on_status)
+    except RunInUse as e:  # another `oodbench` process holds it: leave it to that one
+        job.held_by = e.holder or "another process"
+        on_status(job.label, f"skipped: in use by {job.held_by}")
+
+
+def _steps(job: Job, env: dict[str, str], on_status: Status) -> None:
     with open(job.log, "a") as log:
         for step, argv in job.steps:
             on_status(job.label, step)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import make_digits_run
 from typer.testing import CliRunner
 
 from oodbench.cli import app
@@ -93,3 +94,43 @@ def test_train_exits_2_naming_the_holder_and_run_leaves_the_held_run_alone(tmp_p
     assert not (held / "checkpoint.pt").exists()
     other = tmp_path / "runs" / "locks" / "isomax-seed0" / "metrics.json"
     assert set(json.loads(other.read_text())["detectors"]) == {"msp"}
+
+
+PROBE = """import os, sys
+from pathlib import Path
+from oodbench.runs import HELD_BY_PARENT, Run
+run = Run(Path(sys.argv[1]))
+with run.hold():  # the parent's hold covers this child: no refusal
+    pass
+os.environ.pop(HELD_BY_PARENT)  # as any other process sees the folder
+print("held by", run.in_use())
+"""
+
+
+def test_run_jobs_holds_each_run_for_all_three_of_its_child_steps(tmp_path):
+    """The sweep's parent holds the run folder while its train, calibrate and score children
+    work on it: each child may hold it (told through the environment), every other process
+    finds it in use, so a concurrent `run` cannot calibrate or score it a second time."""
+    from oodbench.sweep import Job, _execute
+
+    run = make_digits_run(tmp_path / "run", train=False)
+    probe = [sys.executable, "-c", PROBE, str(run.path)]
+    job = Job(run, [("training", probe), ("calibrating", probe), ("scoring", probe)])
+    seen: list[str] = []
+    _execute(job, {**os.environ, "PYTHONPATH": str(REPO)}, lambda label, step: seen.append(step))
+    assert job.returncode == 0 and seen == ["training", "calibrating", "scoring", "done"]
+    log = (run.path / "job.log").read_text()
+    assert log.count(f"held by pid {os.getpid()} on {socket.gethostname()}") == 3, log
+    assert run.in_use() is None  # released when the job ended
+
+
+def test_a_sweep_job_leaves_a_run_another_process_holds(tmp_path):
+    from oodbench.sweep import Job, _execute
+
+    run = make_digits_run(tmp_path / "run", train=False)
+    job = Job(run, [("training", [sys.executable, "-c", "raise SystemExit(3)"])])
+    seen: list[str] = []
+    with held_elsewhere(run.path / "run.lock") as proc:
+        _execute(job, dict(os.environ), lambda label, step: seen.append(step))
+    assert job.returncode is None and job.held_by == f"pid {proc.pid} on {socket.gethostname()}"
+    assert seen == [f"skipped: in use by {job.held_by}"]
