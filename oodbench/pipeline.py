@@ -208,7 +208,7 @@ class RunState:
 
     calibrated: bool
     scored: bool
-    temperature: float | None = None
+    calibration: dict[str, Any] | None = None  # calibration.json, when it is up to date
 
 
 def run_state(run: Run) -> RunState:
@@ -225,7 +225,7 @@ def run_state(run: Run) -> RunState:
     m = read_json(run.metrics_path) if run.metrics_path.exists() else {}
     scored = (isinstance(m, dict) and m.get("weights") == lr.weights and m.get("code") == lr.code
               and m.get("calibration") == cal and _covers(m, run.config()))
-    return RunState(True, scored, float(cal["temperature"]))
+    return RunState(True, scored, cal)
 
 
 def _covers(m: dict[str, Any], cfg: RunConfig) -> bool:

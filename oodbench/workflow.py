@@ -221,13 +221,11 @@ def _run_one(req: BenchmarkRequest, run: Run, label: str, ctx: DataContext,
     train_run(run, ctx, device, reporter(label) if reporter else None,
               compile_model=req.compile_model)
     state = RunState(False, False) if req.rescore else run_state(run)
-    if state.calibrated:
-        say(f"calibrated {label}: T = {state.temperature:.3f} (kept: fitted on these weights)")
-    else:
-        cal = calibrate_run(run, ctx, device, "nll", progress)
-        say(f"calibrated {label}: T = {cal['temperature']:.3f}")
-        for warning in calibration_warnings(cal):
-            say(f"[yellow]warning: {warning}")
+    cal = state.calibration or calibrate_run(run, ctx, device, "nll", progress)
+    kept = " (kept: fitted on these weights)" if state.calibrated else ""
+    say(f"calibrated {label}: T = {cal['temperature']:.3f}{kept}")
+    for warning in calibration_warnings(cal):  # a kept calibration's too: they still apply
+        say(f"[yellow]warning: {warning}")
     if state.scored:
         say(f"scored {label}: kept (metrics.json covers every detector and set on these "
             "weights; --rescore scores again)")

@@ -50,6 +50,13 @@ def test_a_rerun_keeps_up_to_date_results_and_rescore_redoes_them(tmp_path):
     assert "(kept: fitted on these weights)" in again.output
     assert "scored resume/softmax/seed0: kept" in again.output
 
+    # a kept calibration still shows its warnings (here: a temperature at its search bound)
+    _edit(run / "calibration.json", lambda c: c.update(at_bound=True, bound="lower"))
+    warned = CliRunner().invoke(app, ["run", str(bench)], catch_exceptions=False)
+    assert "(kept: fitted on these weights)" in warned.output
+    assert "stopped at the lower search bound" in " ".join(warned.output.split())
+    before = _stamps(run)
+
     forced = CliRunner().invoke(app, ["run", str(bench), "--rescore"], catch_exceptions=False)
     assert forced.exit_code == 0, forced.output
     after = _stamps(run)
@@ -79,7 +86,8 @@ def test_run_state_follows_the_content_of_the_run_folder(tmp_path):
     cal = calibrate_run(run, ctx, CPU)
     state = run_state(run)
     assert state.calibrated and not state.scored
-    assert state.temperature == cal["temperature"]
+    assert state.calibration == {k: v for k, v in cal.items()
+                                 if k not in ("forward_log", "images_forwarded")}
 
     score_run(run, ctx, CPU, ["msp"])  # one of the two configured detectors
     assert not run_state(run).scored
