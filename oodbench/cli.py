@@ -613,6 +613,9 @@ def run(
         "--rescore", help="Calibrate and score finished runs again even when their results are "
         "up to date (e.g. after changing a detector's code). Training is never redone.")
                        ] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show where each run stands and which steps `run` would take; "
+        "write nothing.")] = False,
     runs_root: RunsRoot = Path("runs"),
     data_root: DataRoot = None,
     device: Device = "auto",
@@ -635,6 +638,9 @@ def run(
     from oodbench.workflow import BenchmarkRequest, run_benchmark
 
     req = BenchmarkRequest(benchmark, loss, seeds, epochs, runs_root, compile_model, rescore)
+    if dry_run:
+        _print_plan(req)
+        return
     if jobs > 1:
         folder = _sweep(req, DataContext.resolve(data_root), str(pick_device(device)), jobs)
     else:
@@ -642,6 +648,28 @@ def run(
             folder = run_benchmark(req, DataContext.resolve(data_root), pick_device(device),
                                    lambda label: RichTrainReporter(p, label), pf, console.print)
     run_report([folder], ReportOptions(table_metrics=("auroc", "fpr_at_tpr95")))
+
+
+def _print_plan(req: Any) -> None:
+    from oodbench.console import out
+    from oodbench.workflow import plan_benchmark
+
+    plans = plan_benchmark(req)
+    t = Table(title=f"oodbench run {req.benchmark} --dry-run (nothing was written)",
+              caption=f"run folders under {plans[0].path.parent}" if plans else None)
+    for c in ("run", "stands", "run would"):
+        t.add_column(c)
+    for p in plans:
+        todo = " → ".join(p.todo) or "[green]nothing (up to date)[/]"
+        if p.holder:
+            todo = f"[yellow]skip it: in use by {p.holder}[/]"
+        t.add_row(p.label, p.stands, todo)
+    out.print(t)
+    left = [p for p in plans if p.todo]
+    held = sum(1 for p in left if p.holder)
+    out.print(f"{len(left)} of {len(plans)} run(s) have work left"
+              + (f", {held} of them in use by other processes (run would skip those)"
+                 if held else ""))
 
 
 def _sweep(req: Any, ctx: Any, device: str, jobs: int) -> Path:

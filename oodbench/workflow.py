@@ -27,7 +27,7 @@ from oodbench.experiment import (
     with_absolute_folders,
 )
 from oodbench.pipeline import RunState, calibrate_run, run_state, score_run
-from oodbench.runs import Run, RunInUse, default_run_dir
+from oodbench.runs import Run, RunInUse, default_run_dir, load_checkpoint
 from oodbench.scoring import ProgressFactory, no_progress
 from oodbench.train import StepReporter, check_batch_split, make_criterion, train
 
@@ -175,17 +175,63 @@ class BenchmarkRequest:
     rescore: bool = False  # calibrate and score finished runs again even when up to date
 
 
-def benchmark_runs(req: BenchmarkRequest, ctx: DataContext) -> list[Run]:
-    """Every (loss × seed) run of the benchmark, prepared (folders created only after every
-    config and the data were checked, so a bad option leaves no half-made folder)."""
+def _run_configs(req: BenchmarkRequest) -> tuple[BenchmarkConfig, list[RunConfig]]:
+    """The benchmark and the config of each of its (loss × seed) runs, checked."""
     bench = load_checked_benchmark(req.benchmark)
     losses = req.losses or bench.losses
     seeds = bench.seeds[:req.seeds] if req.seeds else bench.seeds
-    configs = [run_config(copy.deepcopy(bench), loss, seed, req.epochs)
-               for loss in losses for seed in seeds]
+    return bench, [run_config(copy.deepcopy(bench), loss, seed, req.epochs)
+                   for loss in losses for seed in seeds]
+
+
+def benchmark_runs(req: BenchmarkRequest, ctx: DataContext) -> list[Run]:
+    """Every (loss × seed) run of the benchmark, prepared (folders created only after every
+    config and the data were checked, so a bad option leaves no half-made folder)."""
+    bench, configs = _run_configs(req)
     require_benchmark_data(bench, ctx)
     check_benchmark_sets(configs[0], ctx)  # the data are the same for every loss and seed
     return [Run.create(default_run_dir(cfg, req.runs_root), cfg) for cfg in configs]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Where one run of a benchmark stands and what `oodbench run` would do with it."""
+
+    label: str
+    path: Path
+    stands: str
+    todo: tuple[str, ...]  # the steps `run` would take, in order; () = nothing left
+    holder: str | None = None  # another process holding the folder: `run` would skip it
+
+
+def plan_benchmark(req: BenchmarkRequest) -> list[RunPlan]:
+    """`oodbench run --dry-run`: each run's state and the steps `run` would take, judged as
+    `run` judges them (`pipeline.run_state`), writing nothing."""
+    return [_plan_one(cfg, default_run_dir(cfg, req.runs_root), req.rescore)
+            for cfg in _run_configs(req)[1]]
+
+
+def _plan_one(cfg: RunConfig, path: Path, rescore: bool) -> RunPlan:
+    label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"
+    run, every = Run(path), ("train", "calibrate", "score")
+    if not run.config_path.exists():
+        return RunPlan(label, path, "not started", every)
+    if run.config().to_dict() != cfg.to_dict():
+        return RunPlan(label, path, "holds another configuration (run stops with exit 2)", ())
+    holder, n = run.in_use(), cfg.benchmark.train.epochs
+    if not run.checkpoint_path.exists():
+        return RunPlan(label, path, "not started", every, holder)
+    ckpt = load_checkpoint(run.checkpoint_path)
+    if not ckpt.get("finished"):
+        step = f", {ckpt['step']} steps into the next" if ckpt.get("step") else ""
+        return RunPlan(label, path, f"{ckpt['epoch']}/{n} epochs trained{step}",
+                       ("train (resume)", "calibrate", "score"), holder)
+    state = run_state(run)
+    stands = ("trained, calibrated and scored" if state.scored else
+              "trained and calibrated" if state.calibrated else "trained")
+    todo = (("calibrate", "score") if rescore or not state.calibrated else
+            ("score",) if not state.scored else ())
+    return RunPlan(label, path, stands, todo, holder)
 
 
 def run_benchmark(req: BenchmarkRequest, ctx: DataContext, device: torch.device,

@@ -119,3 +119,37 @@ def test_new_weights_make_every_step_stale(tmp_path):
                       for k, v in state["model"].items()}
     torch.save(state, run.checkpoint_path)
     assert not run_state(run).calibrated and not run_state(run).scored
+
+
+def test_dry_run_shows_where_each_run_stands_and_writes_nothing(tmp_path):
+    from test_run_lock import held_elsewhere
+
+    from oodbench.workflow import BenchmarkRequest, plan_benchmark
+
+    bench = _bench(tmp_path)
+    cfg = yaml.safe_load(bench.read_text())
+    cfg["seeds"] = [0, 1]
+    bench.write_text(yaml.safe_dump(cfg))
+    r = CliRunner().invoke(app, ["run", str(bench), "--dry-run"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert r.output.count("train → calibrate → score") == 2 and "2 of 2 run(s)" in r.output
+    assert not (tmp_path / "runs").exists()  # nothing was written
+
+    assert CliRunner().invoke(app, ["run", str(bench)]).exit_code == 0
+    plans = plan_benchmark(BenchmarkRequest(str(bench)))
+    assert [(p.label, p.stands, p.todo) for p in plans] == [
+        (f"resume/softmax/seed{s}", "trained, calibrated and scored", ()) for s in (0, 1)]
+
+    ckpt_path = tmp_path / "runs" / "resume" / "softmax-seed1" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt.update(finished=False, epoch=0, step=3, history=[])
+    torch.save(ckpt, ckpt_path)
+    with held_elsewhere(ckpt_path.parent / "run.lock") as holder:
+        r = CliRunner().invoke(app, ["run", str(bench), "--dry-run"], catch_exceptions=False)
+    text = " ".join(r.output.split())
+    assert "0/1 epochs trained, 3 steps into the next" in text
+    assert f"skip it: in use by pid {holder.pid}" in text
+    assert "1 of 2 run(s) have work left, 1 of them in use by other processes" in text
+    plans = plan_benchmark(BenchmarkRequest(str(bench), rescore=True))
+    assert plans[0].todo == ("calibrate", "score")
+    assert plans[1].todo == ("train (resume)", "calibrate", "score")
