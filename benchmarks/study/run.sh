@@ -4,6 +4,7 @@
 # Finished runs are skipped and unfinished ones resume from their checkpoints, so the command is
 # repeated until everything is done (about 15 CPU-hours on 2 cores: the 18 compact32 runs are
 # ~20 minutes of training each on an idle machine, the 42 MNIST-family runs a few minutes).
+# Where a benchmark stands: oodbench run benchmarks/study/NAME.yaml --runs-root RUNS_ROOT --dry-run
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=${1:-runs-study}
@@ -15,7 +16,8 @@ for n in 20 32 44 56; do
   d=$R/cifar10-jpeg-pretrained/resnet$n
   [ -d "$d" ] || oodbench import-checkpoint "$OODBENCH_DATA"/models/akamaster-resnet-cifar10/resnet$n-*.th \
     --model resnet$n --benchmark $S/cifar10-jpeg-pretrained.yaml --run-dir "$d"
-  oodbench calibrate "$d" && oodbench score "$d"
+  # the imported weights never change: scored once is done (`run` judges its own runs itself)
+  [ -f "$d/metrics.json" ] || { oodbench calibrate "$d" && oodbench score "$d"; }
 done
 for b in cifar10-jpeg-compact cifar10-jpeg-compact-nomosaic cifar10-jpeg-compact-logsoftmax \
          cifar10-jpeg-compact-logsoftmax-entropy; do
