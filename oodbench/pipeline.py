@@ -230,14 +230,21 @@ def run_state(run: Run) -> RunState:
 
 def _covers(m: dict[str, Any], cfg: RunConfig) -> bool:
     """metrics.json holds every configured detector (an n/a one with its reason) on every
-    configured OOD set, and the shift results when the config asks for them."""
+    configured OOD set, and the shift results when the config asks for them. A set whose
+    scores were not finite counts as done: scoring again would give the same NaNs."""
     sets = {o.name for o in cfg.benchmark.ood}
     dets = m.get("detectors")
     if not isinstance(dets, dict) or (cfg.benchmark.shift and not m.get("shift")):
         return False
-    return all(isinstance(dets.get(d), dict) and (dets[d].get("applicable") is False
-                                                  or sets <= set(dets[d].get("ood", [])))
-               for d in cfg.benchmark.detectors)
+
+    def done(entry: Any) -> bool:
+        if not isinstance(entry, dict):
+            return False
+        bad = set(entry.get("nonfinite", {}))
+        return (entry.get("applicable") is False or m.get("test_set") in bad
+                or sets <= set(entry.get("ood", {})) | bad)
+
+    return all(done(dets.get(d)) for d in cfg.benchmark.detectors)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

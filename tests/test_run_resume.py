@@ -98,6 +98,15 @@ def test_run_state_follows_the_content_of_the_run_folder(tmp_path):
     _edit(run.metrics_path, lambda m: m["detectors"]["energy"]["ood"].popitem())
     assert not run_state(run).scored  # an OOD set missing for one detector
     run.metrics_path.write_text(saved)
+
+    def nan_scores(m: dict) -> None:  # a set left out because its scores were not finite
+        name = next(iter(m["detectors"]["energy"]["ood"]))
+        del m["detectors"]["energy"]["ood"][name]
+        m["detectors"]["energy"]["nonfinite"] = {name: 3}
+
+    _edit(run.metrics_path, nan_scores)
+    assert run_state(run).scored  # scoring again would give the same NaNs
+    run.metrics_path.write_text(saved)
     _edit(run.metrics_path, lambda m: m.update(code="0" * 64))
     assert not run_state(run).scored  # scored by other forward code
     run.metrics_path.write_text(saved)
