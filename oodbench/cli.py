@@ -85,8 +85,9 @@ def command(name: str | None = None) -> Callable[[Callable[..., Any]], Callable[
             except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: work saved, exit 130 / 143
                 from oodbench.console import console
 
-                console.print("[yellow]interrupted. Run the same command to continue: finished "
-                              "work is kept and training resumes from its last checkpoint.")
+                console.print("[yellow]interrupted. Run the same command again: what was "
+                              "finished is kept (writes are atomic), and an interrupted "
+                              "training resumes from its checkpoint.")
                 raise typer.Exit(interrupt_exit_code(e)) from None
             except Exception:
                 from oodbench.console import errors
