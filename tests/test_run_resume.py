@@ -162,3 +162,20 @@ def test_dry_run_shows_where_each_run_stands_and_writes_nothing(tmp_path):
     plans = plan_benchmark(BenchmarkRequest(str(bench), rescore=True))
     assert plans[0].todo == ("calibrate", "score")
     assert plans[1].todo == ("train (resume)", "calibrate", "score")
+
+
+def test_an_interrupted_run_exits_143_or_130_and_says_how_to_continue(tmp_path, monkeypatch):
+    """SIGTERM reaches `run` as Terminated from the training loop (which saved first), Ctrl-C
+    as KeyboardInterrupt: the command names the fix and exits with the shell's code."""
+    import oodbench.workflow as workflow
+    from oodbench.errors import Terminated
+
+    bench = _bench(tmp_path)
+    for raised, code in ((Terminated(), 143), (KeyboardInterrupt(), 130)):
+        def stop(*args: object, raised: BaseException = raised, **kwargs: object) -> None:
+            raise raised
+
+        monkeypatch.setattr(workflow, "train_run", stop)
+        r = CliRunner().invoke(app, ["run", str(bench)])
+        assert r.exit_code == code, r.output
+        assert "interrupted. Run the same command again" in " ".join(r.output.split())
