@@ -630,7 +630,7 @@ def run(
     again (--rescore does).
 
     Example: `oodbench run` (embedded digits, no download) ·
-    `oodbench run benchmarks/mnist.yaml --data-root ../shared/data` · `oodbench run --epochs 2`
+    `oodbench run mnist --data-root ../shared/data` · `oodbench run --epochs 2`
     """
     from oodbench.console import RichTrainReporter, console, make_progress, progress_factory
     from oodbench.data import DataContext
@@ -797,13 +797,26 @@ def _simple_rows(what: str) -> Table:
     rows = {"losses": lambda: [(n, s.summary) for n, s in LOSSES.items()],
             "models": lambda: [(n, s.summary) for n, s in MODELS.items()],
             "datasets": lambda: [(n, s.summary) for n, s in DATASETS.items()],
-            "benchmarks": lambda: [(n, str(p)) for n, p in available_benchmarks().items()]}
+            "benchmarks": lambda: [(n, _benchmark_summary(p))
+                                   for n, p in available_benchmarks().items()]}
     t = Table(title=what)
     t.add_column("name")
     t.add_column("description")
     for r in rows[what]():
         t.add_row(*r)
     return t
+
+
+def _benchmark_summary(path: Path) -> str:
+    from oodbench.config import load_benchmark
+
+    try:
+        b = load_benchmark(str(path))
+    except OodbenchError as e:
+        return f"[red]invalid[/]: {e.message} ({path})"
+    return (f"{b.dataset} · {b.model} · {', '.join(b.losses)} × {len(b.seeds)} seed"
+            f"{'s' * (len(b.seeds) != 1)} · {b.train.epochs} epochs · {len(b.ood)} OOD sets\n"
+            f"[dim]{path}[/]")
 
 
 def _detector_table(what: str) -> Any:

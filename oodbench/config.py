@@ -42,7 +42,9 @@ import yaml
 from oodbench.errors import OodbenchError
 
 BENCHMARK_DIRS_ENV = "OODBENCH_BENCHMARKS"
-REPO_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+# The built-in benchmarks ship inside the package (package data), so `oodbench run` finds
+# `digits` in an empty folder however oodbench was installed (a wheel, a git URL, -e).
+BUILTIN_BENCHMARKS = Path(__file__).resolve().parent / "benchmarks"
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_RULE = ("letters, digits, '-', '_' and '.' only, starting with a letter or digit "
@@ -272,7 +274,7 @@ def check_keys(cls: type, raw: dict[str, Any], prefix: str, source: str,
 def _mapping(raw: Any, where: str, source: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         _fail(source, where or "(top level)", f"must be a mapping (key: value lines), got "
-              f"{_shown(raw)}", "see benchmarks/digits.yaml for the layout")
+              f"{_shown(raw)}", "see oodbench/benchmarks/digits.yaml for the layout")
     return dict(raw)
 
 
@@ -552,7 +554,7 @@ def benchmark_dirs() -> list[Path]:
     import os
 
     extra = [Path(p) for p in os.environ.get(BENCHMARK_DIRS_ENV, "").split(os.pathsep) if p]
-    return [*extra, Path("benchmarks"), REPO_BENCHMARKS]
+    return [*extra, Path("benchmarks"), BUILTIN_BENCHMARKS]
 
 
 def available_benchmarks() -> dict[str, Path]:
@@ -573,7 +575,7 @@ def load_yaml(path: Path) -> Any:
 
 def load_benchmark(name_or_path: str) -> BenchmarkConfig:
     """A benchmark by file path or by name (searched in $OODBENCH_BENCHMARKS, ./benchmarks and
-    the repository's benchmarks/ folder)."""
+    the built-in ones, oodbench/benchmarks/)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():

@@ -30,7 +30,7 @@ def real_data() -> Path:
 @pytest.fixture
 def tiny_benchmark(tmp_path: Path) -> Path:
     """A 2-epoch digits benchmark YAML (trains in about a second)."""
-    cfg = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
     cfg["name"] = "tiny-digits"
     cfg["train"]["epochs"] = 2
     path = tmp_path / "tiny-digits.yaml"

@@ -57,7 +57,7 @@ def test_score_without_runs_names_the_command_that_makes_one(tmp_path):
 
 
 def _tiny_run(tmp_path: Path) -> Path:
-    cfg = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
     cfg.update(name="my-copy", losses=["softmax"], detectors=["msp"])
     cfg["train"]["epochs"] = 1
     path = tmp_path / "copy.yaml"
@@ -86,7 +86,7 @@ def test_sigterm_stops_training_with_a_checkpoint_and_exit_143(tmp_path):
     """What a cancelled CI job or a preempting scheduler does: SIGTERM after the first epoch.
     The command saves, says how to resume and exits 128 + 15 (the resume is tested in
     test_train.py)."""
-    cfg = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
     cfg.update(name="long", losses=["softmax"], detectors=["msp"])
     cfg["train"].update(epochs=500, checkpoint_seconds=1e9)  # no periodic mid-epoch save
     (tmp_path / "long.yaml").write_text(yaml.safe_dump(cfg))

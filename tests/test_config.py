@@ -25,7 +25,7 @@ from oodbench.errors import OodbenchError
 from oodbench.runs import Run
 
 REPO = Path(__file__).resolve().parent.parent
-DIGITS = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+DIGITS = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
 runner = CliRunner()
 
 

@@ -27,7 +27,7 @@ from oodbench.data.embedded import Digits
 from oodbench.errors import OodbenchError
 
 REPO = Path(__file__).resolve().parent.parent
-DIGITS = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+DIGITS = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
 CIFAR_C = {  # make_cifar_c.py's tables, severity 1..5
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
     "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),

@@ -88,8 +88,8 @@ def write_pngs(folder: Path, n: int, size: int, channels: int = 1) -> None:
 
 
 def digits_with(tmp_path: Path, *extra: dict) -> RunConfig:
-    """benchmarks/digits.yaml plus `extra` far-OOD entries, loaded as `train` loads it."""
-    raw = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    """oodbench/benchmarks/digits.yaml plus `extra` far-OOD entries, loaded as `train` loads it."""
+    raw = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
     raw["ood"]["far"] = [*raw["ood"]["far"], *extra]
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -149,7 +149,7 @@ def test_an_in_distribution_folder_whose_splits_disagree(tmp_path: Path,
     for split, size in (("train", 8), ("test", 12)):
         for c in ("a", "b"):
             write_pngs(tmp_path / "ind" / split / c, 12, size)
-    raw = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    raw = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
     raw["in_distribution"] = {"dataset": f"folder:{tmp_path / 'ind'}"}
     raw["ood"] = {"far": ["gaussian"]}
     path = tmp_path / "bench.yaml"
@@ -163,7 +163,7 @@ def test_an_in_distribution_folder_whose_splits_disagree(tmp_path: Path,
 
 def test_a_flat_in_distribution_folder_has_no_classes(tmp_path: Path, ctx: DataContext) -> None:
     write_pngs(tmp_path / "flat", 4, 8)
-    raw = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    raw = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
     raw["in_distribution"] = {"dataset": f"folder:{tmp_path / 'flat'}"}
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(raw))

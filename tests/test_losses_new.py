@@ -183,7 +183,7 @@ def test_gaussian_val_split_is_content_disjoint_from_its_test_split() -> None:
 
 
 def test_a_benchmark_without_outliers_is_refused_for_oe(tmp_path: Path) -> None:
-    cfg = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
     del cfg["outliers"]
     cfg["name"] = "no-outliers"
     path = tmp_path / "b.yaml"
@@ -195,7 +195,7 @@ def test_a_benchmark_without_outliers_is_refused_for_oe(tmp_path: Path) -> None:
 
 
 def test_cli_refuses_overlapping_outliers_before_training(tmp_path: Path) -> None:
-    cfg = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
     cfg["outliers"] = {"dataset": "uniform", "split": "test"}
     cfg["name"] = "leaky"
     path = tmp_path / "b.yaml"

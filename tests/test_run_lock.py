@@ -42,7 +42,7 @@ def held_elsewhere(lock: Path) -> Iterator[subprocess.Popen]:
 
 
 def _bench(tmp_path: Path) -> Path:
-    cfg = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
     cfg.update(name="locks", detectors=["msp"], losses=["softmax", "isomax"], seeds=[0])
     cfg["train"]["epochs"] = 1
     path = tmp_path / "locks.yaml"

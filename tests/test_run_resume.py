@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 
 
 def _bench(tmp_path: Path) -> Path:
-    cfg = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
     cfg.update(name="resume", detectors=["msp", "energy"], losses=["softmax"], seeds=[0])
     cfg["train"]["epochs"] = 1
     path = tmp_path / "resume.yaml"

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _bench(tmp_path: Path) -> Path:
-    cfg = yaml.safe_load((REPO / "benchmarks" / "digits.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "oodbench" / "benchmarks" / "digits.yaml").read_text())
     cfg.update(name="sweep", detectors=["msp", "energy"])
     cfg["train"]["epochs"] = 2
     path = tmp_path / "sweep.yaml"

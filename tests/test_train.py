@@ -127,8 +127,8 @@ def test_cli_train_every_loss_on_digits(tmp_path: Path, loss: str) -> None:
 
 def test_cli_rejects_a_loss_the_model_cannot_take(tmp_path: Path) -> None:
     bench = tmp_path / "b.yaml"
-    bench.write_text((Path(__file__).resolve().parent.parent / "benchmarks" / "digits.yaml")
-                     .read_text().replace("model: smallcnn8", "model: densenet100")
+    digits = Path(__file__).resolve().parent.parent / "oodbench" / "benchmarks" / "digits.yaml"
+    bench.write_text(digits.read_text().replace("model: smallcnn8", "model: densenet100")
                      .replace("name: digits", "name: dn"))
     r = CliRunner().invoke(app, ["train", "--benchmark", str(bench), "--loss",
                                  "logsoftmax-resnet", "--run-dir", str(tmp_path / "r")])
