@@ -39,15 +39,19 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit(root: Path = SOURCE_ROOT) -> dict[str, Any] | None:
-    """The commit of the oodbench source in use and whether the tree has local changes;
-    None outside a git checkout or without git."""
+    """The commit of the oodbench source in use and whether the tree has local changes; None
+    when `root` is not the top of a git checkout (an installed package, even one in a venv
+    inside the user's own repository, whose commit is not oodbench's) or without git."""
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
+        top, head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+            text=True, timeout=10, check=True).stdout.splitlines()
+        if Path(top).resolve() != Path(root).resolve():
+            return None
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
                                 "--untracked-files=no"], capture_output=True, text=True,
                                timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError, ValueError):
         return None
     return {"commit": head, "dirty": bool(dirty)} if head else None
 
