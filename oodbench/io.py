@@ -147,12 +147,14 @@ def _holder_text(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def held_now(path: Path) -> Iterator[None]:
+def held_now(path: Path) -> Iterator[int | None]:
     """Hold the lock file `path` exclusively for the block, or raise `Busy` at once if another
     holder has it. The holder's PID and host are written into the file for that message; the
-    lock dies with its process. Without `fcntl` (Windows) nothing is held."""
+    lock dies with its process. Yields the lock's file descriptor: a child process given it
+    (`subprocess`'s `pass_fds`) keeps the lock held should this process die first. Without
+    `fcntl` (Windows) nothing is held and None is yielded."""
     if fcntl is None:
-        yield
+        yield None
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +166,7 @@ def held_now(path: Path) -> Iterator[None]:
             raise Busy(_holder_text(fd)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        yield
+        yield fd
     finally:
         os.close(fd)
 

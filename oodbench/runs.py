@@ -91,24 +91,25 @@ class Run:
                     remove_stale_temps(d)
 
     @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
+    def hold(self) -> Iterator[int | None]:
         """Hold this run folder for the block, so no other process trains it meanwhile: two
         trainings of one run would write one checkpoint in turns. A second process gets an
         error naming the holder (exit 2) instead. Re-entrant within one process, and a no-op in
-        a child the holder started for this run (`HELD_BY_PARENT`)."""
+        a child the holder started for this run (`HELD_BY_PARENT`). Yields the lock's file
+        descriptor when this call took the lock (else None), for children to inherit."""
         key = self.path.resolve()
         if _held_here(key):
-            yield
+            yield None
             return
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(held_now(self.path / "run.lock"))
+            fd = stack.enter_context(held_now(self.path / "run.lock"))
         except Busy as busy:
             raise RunInUse(self.path, busy.holder) from None
         with stack:
             _HELD.add(key)
             try:
-                yield
+                yield fd
             finally:
                 _HELD.discard(key)
 

@@ -65,21 +65,22 @@ def _execute(job: Job, env: dict[str, str], on_status: Status) -> None:
     """The job's steps, with its run folder held for all three: its children are told the
     hold is theirs, and no other `oodbench` process can train, calibrate or score it meanwhile."""
     try:
-        with job.run.hold():
-            _steps(job, {**env, HELD_BY_PARENT: str(job.run.path.resolve())}, on_status)
+        with job.run.hold() as fd:  # the children inherit the lock: killing this process alone
+            _steps(job, {**env, HELD_BY_PARENT: str(job.run.path.resolve())}, on_status,
+                   () if fd is None else (fd,))  # leaves the running child holding it
     except RunInUse as e:  # another `oodbench` process holds it: leave it to that one
         job.held_by = e.holder or "another process"
         on_status(job.label, f"skipped: in use by {job.held_by}")
 
 
-def _steps(job: Job, env: dict[str, str], on_status: Status) -> None:
+def _steps(job: Job, env: dict[str, str], on_status: Status, fds: tuple[int, ...]) -> None:
     with open(job.log, "a") as log:
         for step, argv in job.steps:
             on_status(job.label, step)
             log.write(f"$ {' '.join(argv)}\n")
             log.flush()
             job.returncode = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
-                                            env=env, check=False).returncode
+                                            env=env, pass_fds=fds, check=False).returncode
             if job.returncode:
                 job.failed_step = step
                 on_status(job.label, f"failed while {step} (exit {job.returncode}; {job.log})")

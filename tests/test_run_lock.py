@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -134,3 +136,42 @@ def test_a_sweep_job_leaves_a_run_another_process_holds(tmp_path):
         _execute(job, dict(os.environ), lambda label, step: seen.append(step))
     assert job.returncode is None and job.held_by == f"pid {proc.pid} on {socket.gethostname()}"
     assert seen == [f"skipped: in use by {job.held_by}"]
+
+
+SWEEP_PARENT = """import os, sys, time
+from pathlib import Path
+from oodbench.runs import Run
+from oodbench.sweep import Job, _execute
+run, ready = Run(Path(sys.argv[1])), sys.argv[2]
+child = [sys.executable, "-c", "import os, sys, time; "
+         "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)", ready]
+_execute(Job(run, [("training", child)]), dict(os.environ), lambda label, step: None)
+"""
+
+
+def test_a_sweep_child_keeps_the_run_held_when_its_parent_is_killed(tmp_path):
+    """`kill` of the `run --jobs` process alone leaves its training child running: the child
+    inherited the lock, so no other `run` starts training the same folder beside it."""
+    run = make_digits_run(tmp_path / "run", train=False)
+    ready = tmp_path / "child.pid"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    parent = subprocess.Popen([sys.executable, "-c", SWEEP_PARENT, str(run.path), str(ready)],
+                              env=env)
+    child = None
+    try:
+        while not (ready.exists() and ready.read_text()):
+            assert parent.poll() is None, "the sweep parent died before starting its child"
+            time.sleep(0.05)
+        child = int(ready.read_text())
+        parent.kill()
+        parent.wait()
+        assert run.in_use() is not None  # the child, still running, holds it
+    finally:
+        parent.kill()
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+    for _ in range(100):  # the kernel drops the lock once the child is gone
+        if run.in_use() is None:
+            break
+        time.sleep(0.05)
+    assert run.in_use() is None
