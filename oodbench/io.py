@@ -13,7 +13,8 @@ previous version intact, and concurrent read-merge-writes of one file do not los
 - `update_json(path, merge)` is the read-merge-write of a JSON file under that lock.
 - `held_now(path)` takes such a lock without waiting: a second holder gets `Busy`, naming the
   first (its PID and host, written into the lock file). A run folder is held this way while it
-  trains, so two processes never train one run into one checkpoint.
+  trains, so two processes never train one run into one checkpoint. `holder_of(path)` asks who
+  holds it, writing nothing.
 - Under torchrun only rank 0 writes: the writers here refuse another rank's write
   (`oodbench.distributed.check_may_write`), and other ranks never remove temporaries.
 """
@@ -144,6 +145,27 @@ class Busy(Exception):
 def _holder_text(fd: int) -> str:
     words = os.pread(fd, 200, 0).decode(errors="replace").split()
     return f"pid {words[0]} on {words[1]}" if len(words) >= 2 else ""
+
+
+def holder_of(path: Path) -> str | None:
+    """Who holds the lock file `path` ("pid N on HOST", or "" when it wrote nothing yet), or
+    None when nobody does. A probe that writes nothing: no file is created and no PID is
+    written, so `run --dry-run` can ask it of every run. Without `fcntl` (Windows): None."""
+    if fcntl is None:
+        return None
+    try:  # opened for writing, as fcntl-emulated flock (NFS) needs for LOCK_EX; never written
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None  # a holder creates the file first
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the close below
+    except BlockingIOError:
+        return _holder_text(fd)
+    finally:
+        os.close(fd)
+    return None
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from oodbench.io import (
     Busy,
     atomic_write,
     held_now,
+    holder_of,
     read_json,
     remove_stale_temps,
     write_yaml,
@@ -117,11 +118,8 @@ class Run:
         """Who holds this run folder ("pid N on HOST", or "another process"), else None."""
         if _held_here(self.path.resolve()):
             return None
-        try:
-            with held_now(self.path / "run.lock"):
-                return None
-        except Busy as busy:
-            return busy.holder or "another process"
+        holder = holder_of(self.path / "run.lock")  # a probe: writes nothing
+        return None if holder is None else holder or "another process"
 
     def config(self) -> RunConfig:
         return RunConfig.from_dict(load_yaml(self.config_path), str(self.config_path))

@@ -68,6 +68,11 @@ def test_a_run_held_by_another_process_is_in_use_until_that_process_dies(tmp_pat
         proc.kill()  # killed, not released: the kernel drops the lock with the process
         proc.wait()
         assert run.in_use() is None
+    lock = run.path / "run.lock"
+    text = lock.read_text()
+    assert run.in_use() is None and lock.read_text() == text  # asking writes nothing
+    lock.unlink()
+    assert run.in_use() is None and not lock.exists()  # ... nor creates the file
     with run.hold():
         assert run.in_use() is None  # this process's own hold is not "in use"
         with run.hold():  # re-entrant
