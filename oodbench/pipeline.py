@@ -62,9 +62,9 @@ def environment() -> dict[str, Any]:
             "python": sys.version.split()[0], "platform": platform.platform()}
 
 
-def load_run(run: Run, device: torch.device, progress: ProgressFactory = no_progress,
-             batch_size: int | None = None) -> LoadedRun:
-    """The run's finished model on `device`, with its cache and inference batch size."""
+def finished_model(run: Run, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The run's trained model (eval mode, on `device`) and its checkpoint; an unfinished run
+    is an input error naming the command that resumes it."""
     cfg = check_run_config(run.config(), str(run.config_path))
     state = run.require_checkpoint()
     if not state.get("finished"):
@@ -72,7 +72,13 @@ def load_run(run: Run, device: torch.device, progress: ProgressFactory = no_prog
                             f"resume it: `oodbench train --run-dir {run.path}`")
     model = build_model(cfg)
     load_weights(model, state["model"], str(run.checkpoint_path))
-    model.to(device).eval()
+    return model.to(device).eval(), state
+
+
+def load_run(run: Run, device: torch.device, progress: ProgressFactory = no_progress,
+             batch_size: int | None = None) -> LoadedRun:
+    """The run's finished model on `device`, with its cache and inference batch size."""
+    model, state = finished_model(run, device)
     if batch_size is not None and batch_size < 1:
         raise OodbenchError(f"--batch-size must be >= 1, got {batch_size}")
     return LoadedRun(model, model_digest(model), code_digest(model), device,
@@ -218,13 +224,15 @@ def run_state(run: Run) -> RunState:
     not file times, so a copied or touched run folder is judged right."""
     if not run.is_trained():
         return RunState(False, False)
-    lr = load_run(run, torch.device("cpu"))
+    model, _ = finished_model(run, torch.device("cpu"))  # no cache opened: this writes nothing
+    weights = model_digest(model)
     cal = run.calibration()
-    if cal is None or cal.get("weights") != lr.weights:
+    if cal is None or cal.get("weights") != weights:
         return RunState(False, False)
     m = read_json(run.metrics_path) if run.metrics_path.exists() else {}
-    scored = (isinstance(m, dict) and m.get("weights") == lr.weights and m.get("code") == lr.code
-              and m.get("calibration") == cal and _covers(m, run.config()))
+    scored = (isinstance(m, dict) and m.get("weights") == weights
+              and m.get("code") == code_digest(model) and m.get("calibration") == cal
+              and _covers(m, run.config()))
     return RunState(True, scored, cal)
 
 
