@@ -213,11 +213,18 @@ def plan_benchmark(req: BenchmarkRequest) -> list[RunPlan]:
 
 def _plan_one(cfg: RunConfig, path: Path, rescore: bool) -> RunPlan:
     label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"
-    run, every = Run(path), ("train", "calibrate", "score")
+    try:
+        return _plan_of(label, cfg, Run(path), rescore)
+    except OodbenchError as e:  # what `run` would stop on (exit 2), shown in its row
+        return RunPlan(label, path, f"unreadable: {e}", ("stop with exit 2",))
+
+
+def _plan_of(label: str, cfg: RunConfig, run: Run, rescore: bool) -> RunPlan:
+    path, every = run.path, ("train", "calibrate", "score")
     if not run.config_path.exists():
         return RunPlan(label, path, "not started", every)
     if run.config().to_dict() != cfg.to_dict():
-        return RunPlan(label, path, "holds another configuration (run stops with exit 2)", ())
+        return RunPlan(label, path, "holds another configuration", ("stop with exit 2",))
     holder, n = run.in_use(), cfg.benchmark.train.epochs
     if not run.checkpoint_path.exists():
         return RunPlan(label, path, "not started", every, holder)

@@ -162,6 +162,11 @@ def test_dry_run_shows_where_each_run_stands_and_writes_nothing(tmp_path):
     plans = plan_benchmark(BenchmarkRequest(str(bench), rescore=True))
     assert plans[0].todo == ("calibrate", "score")
     assert plans[1].todo == ("train (resume)", "calibrate", "score")
+    ckpt_path.write_bytes(b"not a checkpoint")  # what `run` would stop on, shown in its row
+    r = CliRunner().invoke(app, ["run", str(bench), "--dry-run"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "unreadable: cannot read checkpoint" in text and "stop with exit 2" in text
 
 
 def test_an_interrupted_run_exits_143_or_130_and_says_how_to_continue(tmp_path, monkeypatch):
