@@ -62,11 +62,13 @@ def environment() -> dict[str, Any]:
             "python": sys.version.split()[0], "platform": platform.platform()}
 
 
-def finished_model(run: Run, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The run's trained model (eval mode, on `device`) and its checkpoint; an unfinished run
-    is an input error naming the command that resumes it."""
+def finished_model(run: Run, device: torch.device, state: dict[str, Any] | None = None
+                   ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The run's trained model (eval mode, on `device`) and its checkpoint (`state`, when the
+    caller already read it); an unfinished run is an input error naming the command that
+    resumes it."""
     cfg = check_run_config(run.config(), str(run.config_path))
-    state = run.require_checkpoint()
+    state = run.require_checkpoint() if state is None else state
     if not state.get("finished"):
         raise OodbenchError(f"{run.path} has not finished training",
                             f"resume it: `oodbench train --run-dir {run.path}`")
@@ -217,14 +219,20 @@ class RunState:
     calibration: dict[str, Any] | None = None  # calibration.json, when it is up to date
 
 
-def run_state(run: Run) -> RunState:
+def run_state(run: Run, checkpoint: dict[str, Any] | None = None) -> RunState:
     """Calibrated = calibration.json was fitted on the checkpoint's weights. Scored = metrics.json
     was scored on those weights and the same forward code, with that calibration, for every
     detector and OOD set of the run's config. Decided by content (weight and code digests),
-    not file times, so a copied or touched run folder is judged right."""
-    if not run.is_trained():
+    not file times, so a copied or touched run folder is judged right. `checkpoint`: the
+    checkpoint when the caller already read it (it is read once either way)."""
+    if checkpoint is None:
+        if not run.checkpoint_path.exists():
+            return RunState(False, False)
+        checkpoint = run.require_checkpoint()
+    if not checkpoint.get("finished"):
         return RunState(False, False)
-    model, _ = finished_model(run, torch.device("cpu"))  # no cache opened: this writes nothing
+    # no cache opened: this writes nothing
+    model, _ = finished_model(run, torch.device("cpu"), checkpoint)
     weights = model_digest(model)
     cal = run.calibration()
     if cal is None or cal.get("weights") != weights:

@@ -233,7 +233,7 @@ def _plan_of(label: str, cfg: RunConfig, run: Run, rescore: bool) -> RunPlan:
         step = f", {ckpt['step']} steps into the next" if ckpt.get("step") else ""
         return RunPlan(label, path, f"{ckpt['epoch']}/{n} epochs trained{step}",
                        ("train (resume)", "calibrate", "score"), holder)
-    state = run_state(run)
+    state = run_state(run, ckpt)
     stands = ("trained, calibrated and scored" if state.scored else
               "trained and calibrated" if state.calibrated else "trained")
     todo = (("calibrate", "score") if rescore or not state.calibrated else
