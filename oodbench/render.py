@@ -128,16 +128,21 @@ def _seeds_text(seeds: list[int]) -> str:
 
 def _seeds_caption(g: dict[str, Any], rows: bool = True) -> str:
     """The group's seeds, the losses that have fewer and, with `rows`, the rows that have fewer
-    than their loss: a caption saying "3 seeds" under a loss with 2 would be false for it."""
+    than their loss: a caption saying "3 seeds" under a loss with 2 would be false for it, and
+    "2 seeds" false for every row when seed 0 is one loss's and seed 1 another's."""
     fewer: dict[tuple[int, ...], list[str]] = {}
     for loss, c in g["classification"].items():
         if c.get("seeds", g["seeds"]) != g["seeds"]:
             fewer.setdefault(tuple(c["seeds"]), []).append(loss)
+    if g["classification"] and all(
+            c.get("seeds", g["seeds"]) != g["seeds"] for c in g["classification"].values()):
+        text = "the seeds each loss has"  # no loss has the union: "2 seeds" would fit no row
+    else:
+        text = _seeds_text(g["seeds"])
     for r in g["rows"] if rows else []:
         of_loss = g["classification"].get(r["loss"], {}).get("seeds", g["seeds"])
         if r.get("seeds", of_loss) != of_loss and not r.get("not_applicable"):
             fewer.setdefault(tuple(r["seeds"]), []).append(f"{r['loss']} {r['detector']}")
-    text = _seeds_text(g["seeds"])
     if not fewer:
         return text
     return text + " (" + "; ".join(f"{', '.join(names)}: {_seeds_text(list(s))}"

@@ -359,16 +359,17 @@ def build_report(runs: list[LoadedMetrics], filters: Filters | None = None,
 
 def seed_warnings(g: dict[str, Any]) -> list[str]:
     """A warning when a group, or a loss within it, has too few seeds to tell a real difference
-    from seed noise (a loss with one seed beside others with three is named)."""
+    from seed noise. A loss with fewer seeds than the group is named (one seed beside others
+    with three; seed 0 for one loss and seed 1 for another is 1 seed each, not 2)."""
     title = f"{g['benchmark']} · {g['in_distribution']} · {g['model']}"
     advice = (f"with fewer than {MIN_SEEDS} seeds a difference between rows may be seed "
               "noise: do not conclude from it")
     n = len(g["seeds"])
-    if n < MIN_SEEDS:
+    per_loss = {loss: c.get("seeds", g["seeds"]) for loss, c in g["classification"].items()}
+    if n < MIN_SEEDS and all(s == g["seeds"] for s in per_loss.values()):
         return [f"{title}: {n} seed{'s' if n != 1 else ''} ({', '.join(map(str, g['seeds']))}); "
                 f"{advice}"]
-    few = {loss: c["seeds"] for loss, c in g["classification"].items()
-           if len(c.get("seeds", g["seeds"])) < MIN_SEEDS}
+    few = {loss: s for loss, s in per_loss.items() if len(s) < MIN_SEEDS}
     return [f"{title}: " + "; ".join(f"{loss} has {len(s)} seed{'s' if len(s) != 1 else ''} "
                                      f"({', '.join(map(str, s))})" for loss, s in few.items())
             + f"; {advice}"] if few else []

@@ -312,3 +312,16 @@ def report_json(*args) -> dict:
     assert errors(doc, SCHEMA) == []
     return doc
 
+
+
+def test_losses_with_disjoint_seeds_are_not_called_a_two_seed_group(tmp_path: Path):
+    """dismax seed 0 beside softmax seed 1: the group's seeds are [0, 1] but no row averages two
+    seeds, so neither the caption nor the warning may say "2 seeds"."""
+    write_run(tmp_path, "dismax", 0, 1.0)
+    write_run(tmp_path, "softmax", 1, 1.0)
+    res = invoke(tmp_path, "-f", "markdown", "--no-write")
+    assert res.exit_code == 0, res.output
+    assert "2 seeds" not in res.output
+    assert ("_mean ± std over the seeds each loss has (dismax: 1 seed [0]; softmax: 1 seed "
+            "[1])_" in res.output)
+    assert "dismax has 1 seed (0); softmax has 1 seed (1); with fewer than 3" in res.output
