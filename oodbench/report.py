@@ -967,14 +967,28 @@ def compare(a: Report, b: Report, label_a: str, label_b: str, significance: int 
                        "columns": cols, "seeds": {"a": ga["seeds"], "b": gb["seeds"]},
                        "classification": classification, "rows": rows})
     if not any(g["rows"] for g in groups):
-        raise OodbenchError(f"{label_a} and {label_b} share no benchmark/model/loss/detector",
-                            "compare runs of the same benchmark")
+        raise _nothing_shared(a, b, label_a, label_b)
     return {"schema": COMPARISON_SCHEMA, "units": UNITS, "delta": "b − a",
             "a": {"label": label_a, "manifest": a.manifest},
             "b": {"label": label_b, "manifest": b.manifest},
             "filters": a.filters.to_dict(),
             "significance": significance_info(significance, seed) if significance else None,
             "warnings": list(dict.fromkeys(warnings)), "groups": groups}
+
+
+def _nothing_shared(a: Report, b: Report, label_a: str, label_b: str) -> OodbenchError:
+    """Say what each side holds: two runs of one benchmark with different losses share no row,
+    and "compare runs of the same benchmark" would send the user back to what they did."""
+    def holds(rep: Report) -> str:
+        return "; ".join(f"{g['benchmark']} · {g['model']}: "
+                         + ", ".join(sorted({r['loss'] for r in g['rows']}) or ["no rows"])
+                         for g in rep.groups) or "nothing"
+    return OodbenchError(
+        f"{label_a} and {label_b} share no row (benchmark, model, loss and detector): "
+        f"{label_a} holds {holds(a)}; {label_b} holds {holds(b)}",
+        "--compare pairs the same loss and detector before and after a change (e.g. "
+        "--compare runs-old runs-new); to set two losses side by side, report both: "
+        f"`oodbench report {label_a} {label_b}`")
 
 
 def _delta(ca: dict[str, Any], cb: dict[str, Any]) -> dict[str, float]:

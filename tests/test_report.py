@@ -325,3 +325,13 @@ def test_losses_with_disjoint_seeds_are_not_called_a_two_seed_group(tmp_path: Pa
     assert ("_mean ± std over the seeds each loss has (dismax: 1 seed [0]; softmax: 1 seed "
             "[1])_" in res.output)
     assert "dismax has 1 seed (0); softmax has 1 seed (1); with fewer than 3" in res.output
+
+
+def test_compare_of_two_losses_says_what_each_side_holds(tmp_path: Path):
+    a = write_run(tmp_path / "a", "dismax", 0, 1.0)
+    b = write_run(tmp_path / "b", "softmax", 0, 1.0)
+    res = invoke("--compare", a, b, "--no-write")
+    assert res.exit_code == 2
+    assert "holds toy · smallcnn8: dismax" in res.output
+    assert "holds toy · smallcnn8: softmax" in res.output
+    assert f"report both: `oodbench report {a} {b}`" in " ".join(res.output.split())
