@@ -923,49 +923,84 @@ def _compared_classification(ga: dict[str, Any], gb: dict[str, Any]) -> dict[str
     return out
 
 
+def _compared_group(a: Report, b: Report, ga: dict[str, Any], gb: dict[str, Any],
+                    test: tuple[int, int], scores: _Scores, warnings: list[str]
+                    ) -> dict[str, Any]:
+    """One group of a comparison: per shared row and column, A, B and B − A; with `test` =
+    (replicates, seed), replicates > 0, the AUROC cells' paired test."""
+    significance, seed = test
+    keys = (_group_key(ga), _group_key(gb))
+    b_rows = {(r["loss"], r["detector"]): r for r in gb["rows"]}
+    cols = [c for c in columns(ga) if c in columns(gb)]
+    rows = []
+    problems: dict[str, list[str]] = {}
+    for ra in ga["rows"]:
+        rb = b_rows.get((ra["loss"], ra["detector"]))
+        if rb is None:
+            continue
+        cells: dict[str, dict[str, Any]] = {}
+        for col in cols:
+            cells[col] = {}
+            for k in a.filters.ood_metrics:
+                ca, cb = cell_of(ra, col, k), cell_of(rb, col, k)
+                if ca and cb:
+                    cells[col][k] = {"a": ca["mean"], "b": cb["mean"],
+                                     "delta": cb["mean"] - ca["mean"]}
+                    if k == "auroc" and significance:
+                        cells[col][k].update(_compare_test(
+                            a, b, keys, ra, col, _column_sets(ga, col), _column_sets(gb, col),
+                            significance, seed, scores, problems))
+        rows.append(_compared_row(ra, rb, cells, a.filters.selective_metrics))
+    warnings += [f"{_where(ga)}: some seeds not paired for the significance test ({why}): "
+                 f"{_few(cells)}" for why, cells in problems.items()]
+    benchmark = (ga["benchmark"] if ga["benchmark"] == gb["benchmark"]
+                 else f"{ga['benchmark']} → {gb['benchmark']}")
+    return {"benchmark": benchmark, "in_distribution": ga["in_distribution"],
+            "model": ga["model"],
+            "ood_sets": {o: g for o, g in ga["ood_sets"].items() if o in cols},
+            "columns": cols, "seeds": {"a": ga["seeds"], "b": gb["seeds"]},
+            "classification": _compared_classification(ga, gb), "rows": rows}
+
+
+GroupKey = tuple[str, str, str]
+
+
+def _group_key(g: dict[str, Any]) -> GroupKey:
+    return (g["benchmark"], g["in_distribution"], g["model"])
+
+
+def matched_groups(groups_a: list[dict[str, Any]], groups_b: list[dict[str, Any]]
+                   ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The groups a comparison pairs: same benchmark, data and model; then, among the groups
+    left, one per side with the same data and model though the benchmark is named differently
+    (an ablation written as its own benchmark file: DisMax with and without the mosaic)."""
+    b_by_key = {_group_key(g): g for g in groups_b}
+    pairs = [(ga, b_by_key[_group_key(ga)]) for ga in groups_a if _group_key(ga) in b_by_key]
+    paired = {id(g) for pair in pairs for g in pair}
+
+    def left(groups: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for g in groups:
+            if id(g) not in paired:
+                out.setdefault((g["in_distribution"], g["model"]), []).append(g)
+        return out
+
+    left_b = left(groups_b)
+    for setting, gs in left(groups_a).items():
+        if len(gs) == 1 and len(left_b.get(setting, [])) == 1:
+            pairs.append((gs[0], left_b[setting][0]))
+    return pairs
+
+
 def compare(a: Report, b: Report, label_a: str, label_b: str, significance: int = 0,
             seed: int = 0) -> dict[str, Any]:
-    """Cell-by-cell B − A over the groups, rows and columns both reports have. `significance` >
-    0: each AUROC Δ gets a paired bootstrap (seed by seed, on the same test samples; see
-    `paired_difference`) and says whether it is significant."""
-    groups = []
+    """Cell-by-cell B − A over the groups (`matched_groups`), rows and columns both reports
+    have. `significance` > 0: each AUROC Δ gets a paired bootstrap (seed by seed, on the same
+    test samples; see `paired_difference`) and says whether it is significant."""
     warnings = [*a.warnings, *b.warnings]
     scores = _Scores()
-    b_groups = {(g["benchmark"], g["in_distribution"], g["model"]): g for g in b.groups}
-    for ga in a.groups:
-        key = (ga["benchmark"], ga["in_distribution"], ga["model"])
-        gb = b_groups.get(key)
-        if gb is None:
-            continue
-        b_rows = {(r["loss"], r["detector"]): r for r in gb["rows"]}
-        cols = [c for c in columns(ga) if c in columns(gb)]
-        rows = []
-        problems: dict[str, list[str]] = {}
-        for ra in ga["rows"]:
-            rb = b_rows.get((ra["loss"], ra["detector"]))
-            if rb is None:
-                continue
-            cells = {}
-            for col in cols:
-                cells[col] = {}
-                for k in a.filters.ood_metrics:
-                    ca, cb = cell_of(ra, col, k), cell_of(rb, col, k)
-                    if ca and cb:
-                        cells[col][k] = {"a": ca["mean"], "b": cb["mean"],
-                                         "delta": cb["mean"] - ca["mean"]}
-                        if k == "auroc" and significance:
-                            cells[col][k].update(_compare_test(
-                                a, b, key, ra, col, _column_sets(ga, col),
-                                _column_sets(gb, col), significance, seed, scores, problems))
-            rows.append(_compared_row(ra, rb, cells, a.filters.selective_metrics))
-        classification = _compared_classification(ga, gb)
-        warnings += [f"{_where(ga)}: some seeds not paired for the significance test ({why}): "
-                     f"{_few(cells)}" for why, cells in problems.items()]
-        groups.append({"benchmark": ga["benchmark"], "in_distribution": ga["in_distribution"],
-                       "model": ga["model"],
-                       "ood_sets": {o: g for o, g in ga["ood_sets"].items() if o in cols},
-                       "columns": cols, "seeds": {"a": ga["seeds"], "b": gb["seeds"]},
-                       "classification": classification, "rows": rows})
+    groups = [_compared_group(a, b, ga, gb, (significance, seed), scores, warnings)
+              for ga, gb in matched_groups(a.groups, b.groups)]
     if not any(g["rows"] for g in groups):
         raise _nothing_shared(a, b, label_a, label_b)
     return {"schema": COMPARISON_SCHEMA, "units": UNITS, "delta": "b − a",
@@ -995,7 +1030,7 @@ def _delta(ca: dict[str, Any], cb: dict[str, Any]) -> dict[str, float]:
     return {"a": ca["mean"], "b": cb["mean"], "delta": cb["mean"] - ca["mean"]}
 
 
-def _compare_test(a: Report, b: Report, key: tuple[str, str, str], row: dict[str, Any],
+def _compare_test(a: Report, b: Report, keys: tuple[GroupKey, GroupKey], row: dict[str, Any],
                   col: str, sets_a: list[str], sets_b: list[str], n_boot: int, seed: int,
                   scores: _Scores, problems: dict[str, list[str]]) -> dict[str, Any]:
     """The paired test of one AUROC cell of a comparison: A's and B's runs of each seed.
@@ -1005,8 +1040,8 @@ def _compare_test(a: Report, b: Report, key: tuple[str, str, str], row: dict[str
                                                        "and B"}
         why = [res["skipped"]]
     else:
-        det_a, runs_a = a.row_runs[(*key, row["loss"], row["detector"])]
-        det_b, runs_b = b.row_runs[(*key, row["loss"], row["detector"])]
+        det_a, runs_a = a.row_runs[(*keys[0], row["loss"], row["detector"])]
+        det_b, runs_b = b.row_runs[(*keys[1], row["loss"], row["detector"])]
         pairs = _seed_pairs(runs_a, runs_b, det_a, det_b, sets_a)
         res, why = _paired(pairs, det_a, det_b, sets_a, n_boot, seed, scores)
     for w in why:

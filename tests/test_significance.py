@@ -251,3 +251,40 @@ def test_ties_across_losses_pair_by_seed(tmp_path: Path):
     assert ties["tied"] == [ties["best"]]
     (test,) = ties["tests"]
     assert test["significant"] is True and test["seeds"] == [0, 1, 2]
+
+
+def _rename_benchmark(run: Path, name: str, model: str = "m") -> None:
+    m = json.loads((run / "metrics.json").read_text())
+    m["benchmark"], m["model"] = name, model
+    (run / "metrics.json").write_text(json.dumps(m))
+
+
+def test_an_ablation_written_as_its_own_benchmark_is_compared(tmp_path: Path):
+    """DisMax with and without the mosaic: two benchmark files, one data set and model. The
+    groups pair by data and model, and the paired test runs on them; a third group of another
+    model on either side is not paired with anything."""
+    for seed in (0, 1, 2):
+        d = three_detectors(seed)
+        _rename_benchmark(write_run(tmp_path / "a", "dismax", seed, {"mmles": d["strong"]}),
+                          "bench")
+        _rename_benchmark(write_run(tmp_path / "b", "dismax", seed, {"mmles": d["weak"]}),
+                          "bench-nomosaic")
+        _rename_benchmark(write_run(tmp_path / "b" / "other", "dismax", seed,
+                                    {"mmles": d["weak"]}), "bench-other", model="m2")
+    out = tmp_path / "out"
+    res = invoke("--compare", tmp_path / "a", tmp_path / "b", "--significance", "100",
+                 "--output", out, "--metric", "auroc", "-f", "markdown")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "comparison.json").read_text())
+    assert errors(doc, SCHEMA) == []
+    (g,) = doc["groups"]
+    assert g["benchmark"] == "bench → bench-nomosaic" and g["model"] == "m"
+    cell = g["rows"][0]["columns"]["all"]["auroc"]
+    assert cell["significant"] is True and cell["ci95"][1] < 0 and cell["seeds"] == [0, 1, 2]
+    want = np.mean([np.mean([ood_metrics(three_detectors(s)["weak"][0], o)["auroc"]
+                             for o in three_detectors(s)["weak"][1].values()])
+                    - np.mean([ood_metrics(three_detectors(s)["strong"][0], o)["auroc"]
+                               for o in three_detectors(s)["strong"][1].values()])
+                    for s in (0, 1, 2)])
+    assert cell["delta"] == pytest.approx(want)
+    assert "bench → bench-nomosaic" in res.stdout
