@@ -22,7 +22,10 @@ done
 if have cifar10-jpeg-compact cifar10-jpeg-compact-nomosaic; then
   echo; echo "## cifar10-jpeg-compact: DisMax with and without the mosaic"
   report $R/cifar10-jpeg-compact $R/cifar10-jpeg-compact-nomosaic --loss dismax --metric auroc \
-    -d mps -d es -d mds -d mmls -d mmles -d mmleps
+    -d mps -d es -d mds -d mmls -d mmles -d mmleps -d odin -d mahalanobis-ensemble
+  echo; echo "### The same, as with → without the mosaic (Δ in points)"
+  report --compare $R/cifar10-jpeg-compact $R/cifar10-jpeg-compact-nomosaic --loss dismax \
+    --metric auroc -d mps -d es -d mds -d mmls -d mmles -d mmleps -d odin -d mahalanobis-ensemble
 fi
 for b in mnist-study fashionmnist-study cifar10-jpeg-compact; do
   extra=()
