@@ -577,6 +577,11 @@ def report(
     ] = None,
     write: Annotated[bool, typer.Option(metavar="", help="Write the report files.")] = True,
     significance: Significance = 0,
+    group_by: Annotated[str, typer.Option(metavar="KEY",
+        help="What a table shares: benchmark (one table per benchmark, data set and model) or "
+             "data (benchmarks of one data set and model in one table, each loss named with "
+             "its benchmark, e.g. an ablation beside its base; ties tested across them).")
+    ] = "benchmark",
 ) -> None:
     """Compare runs (mean ± std over seeds), write it as JSON, Markdown and CSV, and gate CI.
 
@@ -590,7 +595,7 @@ def report(
 
     opts = ReportOptions(metric, ood, detector, loss, fmt, style, pair, compare, plots,
                          bootstrap, fail_under or [], fail_over or [], output, write,
-                         significance=significance)
+                         significance=significance, group_by=group_by)
     code = run_report(paths or [Path("runs")], opts)
     if code:
         raise typer.Exit(code)

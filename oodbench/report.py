@@ -80,6 +80,7 @@ LABEL_ITEMS = 4  # a variant label names at most this many differing settings, t
 REPORT_METRICS = (*OOD_METRICS, *SELECTIVE_METRICS)
 MIN_SEEDS = 3  # fewer seeds than this: the report warns that it cannot conclude much
 LEVEL = 0.95
+GROUP_BY = ("benchmark", "data")  # what a report group shares: see `grouped_runs`
 
 
 @dataclass
@@ -316,19 +317,37 @@ def significance_info(replicates: int, seed: int) -> dict[str, Any]:
                       "when the 95 % percentile interval of the difference excludes 0"}
 
 
+def grouped_runs(runs: list[LoadedMetrics], filters: Filters, group_by: str = "benchmark"
+                 ) -> dict[tuple[str, str, str], list[LoadedMetrics]]:
+    """The runs the --loss filter keeps, by (benchmark, in-distribution set, model). With
+    `group_by` "data", benchmarks of one data set and model share a group, keyed by their names
+    joined with " + ": an ablation written as its own benchmark file then sits in its base's
+    table, its rows tested against the base's for ties."""
+    if group_by not in GROUP_BY:
+        raise OodbenchError(f"unknown grouping {group_by!r}", f"use one of: {', '.join(GROUP_BY)}")
+    by_setting: dict[tuple[str, ...], list[LoadedMetrics]] = defaultdict(list)
+    for r in runs:
+        if _keep(r.data["loss"], filters.losses):
+            m = r.data
+            where = (m["in_distribution"], m["model"])
+            by_setting[where if group_by == "data" else (m["benchmark"], *where)].append(r)
+    if group_by == "benchmark":
+        return {(k[0], k[1], k[2]): v for k, v in by_setting.items()}
+    return {(" + ".join(sorted({r.data["benchmark"] for r in v})), k[0], k[1]): v
+            for k, v in by_setting.items()}
+
+
 def build_report(runs: list[LoadedMetrics], filters: Filters | None = None,
-                 bootstrap: int = 0, bootstrap_seed: int = 0, significance: int = 0) -> Report:
+                 bootstrap: int = 0, bootstrap_seed: int = 0, significance: int = 0,
+                 group_by: str = "benchmark") -> Report:
     """The report over `runs`. `bootstrap` > 0 adds a 95 % percentile interval to every AUROC
     cell from that many replicates per seed (in-dist and OOD scores resampled independently;
     the interval of a seed mean averages the replicates across seeds, index by index).
     `significance` > 0 adds, per group and AUROC column, the rows statistically tied with the
-    best (`ties`; a paired bootstrap of that many replicates, see `paired_difference`)."""
+    best (`ties`; a paired bootstrap of that many replicates, see `paired_difference`).
+    `group_by`: see `grouped_runs`."""
     filters = filters or Filters()
-    by_group: dict[tuple[str, str, str], list[LoadedMetrics]] = defaultdict(list)
-    for r in runs:
-        if _keep(r.data["loss"], filters.losses):
-            m = r.data
-            by_group[(m["benchmark"], m["in_distribution"], m["model"])].append(r)
+    by_group = grouped_runs(runs, filters, group_by)
     if not by_group:
         raise OodbenchError("no run matches the --loss filter",
                             f"losses present: {sorted({r.data['loss'] for r in runs})}")
@@ -504,8 +523,10 @@ def _group(key: tuple[str, str, str], runs: list[LoadedMetrics], filters: Filter
         ood_sets.update({o: g for o, g in r.data["ood_sets"].items() if _keep(o, filters.ood)})
     order = sorted(ood_sets, key=lambda n: (ood_sets[n] != "near", list(ood_sets).index(n)))
     by_loss: dict[str, list[LoadedMetrics]] = defaultdict(list)
+    several = len({r.data["benchmark"] for r in runs}) > 1  # grouped by data: name each's loss
     for r in runs:
-        by_loss[r.data["loss"]].append(r)
+        by_loss[f"{r.data['loss']} ({r.data['benchmark']})" if several
+                else r.data["loss"]].append(r)
     rows, classification = [], {}
     for loss, lruns in sorted(by_loss.items()):
         for v in split_variants(lruns, lambda r: config_setup(r.data), f"loss {loss}",

@@ -48,6 +48,7 @@ class ReportOptions:
     write: bool = True
     table_metrics: tuple[str, ...] | None = None
     significance: int = 0  # paired-bootstrap replicates for ties / significant Δ (0 = off)
+    group_by: str = "benchmark"  # or "data": see `report.grouped_runs`
 
     def filters(self) -> Filters:
         return Filters(*(tuple(v) if v else None
@@ -85,15 +86,17 @@ def run_report(paths: list[Path], o: ReportOptions) -> int:
     if o.compare:
         a_path, b_path = o.compare
         runs = load_metrics(find_metrics([b_path]))
-        rep_a = build_report(load_metrics(find_metrics([a_path])), filters)
-        rep = build_report(runs, filters, o.bootstrap)
+        rep_a = build_report(load_metrics(find_metrics([a_path])), filters,
+                             group_by=o.group_by)
+        rep = build_report(runs, filters, o.bootstrap, group_by=o.group_by)
         doc = compare(rep_a, rep, str(a_path), str(b_path), o.significance)
         tables = comparison_tables(doc, metrics or DEFAULT_TABLE_METRICS, selective)
         csv_text, stem, heading = comparison_csv(doc), "comparison", "oodbench comparison"
         dest = o.output or (b_path if b_path.is_dir() else b_path.parent)
     else:
         runs = load_metrics(find_metrics(paths))
-        rep = build_report(runs, filters, o.bootstrap, significance=o.significance)
+        rep = build_report(runs, filters, o.bootstrap, significance=o.significance,
+                           group_by=o.group_by)
         doc = rep.to_dict()
         if o.style == "paper":
             tables = paper_tables(doc, metrics or PAPER_METRICS, _pairs(o.pair))

@@ -288,3 +288,34 @@ def test_an_ablation_written_as_its_own_benchmark_is_compared(tmp_path: Path):
                     for s in (0, 1, 2)])
     assert cell["delta"] == pytest.approx(want)
     assert "bench → bench-nomosaic" in res.stdout
+
+
+def test_group_by_data_puts_benchmarks_of_one_setting_in_one_tested_table(tmp_path: Path):
+    """A (softmax: strong), B (softmax: weak, an ablation of A) and C (dismax: A's scores up to a
+    jitter): by data they are one table whose ties span the benchmarks; by benchmark, three."""
+    for seed in (0, 1, 2):
+        d = three_detectors(seed)
+        for bench, loss, scores in (("bench-a", "softmax", d["strong"]),
+                                    ("bench-b", "softmax", d["weak"]),
+                                    ("bench-c", "dismax", d["twin"])):
+            _rename_benchmark(write_run(tmp_path / bench, loss, seed, {"msp": scores}), bench)
+    assert len(report_json(tmp_path)["groups"]) == 3
+    doc = report_json(tmp_path, "--group-by", "data", "--significance", "200")
+    (g,) = doc["groups"]
+    assert g["benchmark"] == "bench-a + bench-b + bench-c"
+    assert sorted(r["loss"] for r in g["rows"]) == [
+        "dismax (bench-c)", "softmax (bench-a)", "softmax (bench-b)"]
+    assert sorted(g["classification"]) == ["dismax (bench-c)", "softmax (bench-a)",
+                                           "softmax (bench-b)"]
+    for col in ("near1", "far1", "all"):
+        tied = sorted(t["loss"] for t in g["ties"][col]["tied"])
+        assert tied == ["dismax (bench-c)", "softmax (bench-a)"]
+        weak = next(t for t in g["ties"][col]["tests"] if t["loss"] == "softmax (bench-b)")
+        assert weak["significant"] is True and weak["seeds"] == [0, 1, 2]
+    row = next(r for r in g["rows"] if r["loss"] == "softmax (bench-b)")
+    want = np.mean([ood_metrics(three_detectors(s)["weak"][0],
+                                three_detectors(s)["weak"][1]["near1"])["auroc"]
+                     for s in (0, 1, 2)])
+    assert row["ood"]["near1"]["auroc"]["mean"] == pytest.approx(want)
+    assert errors(doc, SCHEMA) == []
+    assert invoke(tmp_path, "--group-by", "model", "--no-write").exit_code == 2
