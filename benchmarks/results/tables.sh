@@ -21,8 +21,8 @@ for b in mnist-study fashionmnist-study cifar10-jpeg-compact; do
 done
 if have cifar10-jpeg-compact cifar10-jpeg-compact-nomosaic; then
   echo; echo "## cifar10-jpeg-compact: DisMax with and without the mosaic"
-  report $R/cifar10-jpeg-compact $R/cifar10-jpeg-compact-nomosaic --loss dismax --metric auroc \
-    -d mps -d es -d mds -d mmls -d mmles -d mmleps -d odin -d mahalanobis-ensemble
+  report $R/cifar10-jpeg-compact $R/cifar10-jpeg-compact-nomosaic --loss dismax --group-by data \
+    --metric auroc -d mps -d es -d mds -d mmls -d mmles -d mmleps -d odin -d mahalanobis-ensemble
   echo; echo "### The same, as with → without the mosaic (Δ in points)"
   report --compare $R/cifar10-jpeg-compact $R/cifar10-jpeg-compact-nomosaic --loss dismax \
     --metric auroc -d mps -d es -d mds -d mmls -d mmles -d mmleps -d odin -d mahalanobis-ensemble
@@ -36,7 +36,8 @@ for b in mnist-study fashionmnist-study cifar10-jpeg-compact; do
   for e in "${extra[@]}"; do [ -d "$e" ] && found+=("$e"); done
   [ ${#found[@]} -gt 0 ] || continue
   echo; echo "## $b: the MiSP thesis (ReLU softmax vs log-softmax λ = 0 and λ = 1e-2)"
-  report $R/$b "${found[@]}" --loss softmax --loss logsoftmax-resnet --metric auroc "${THESIS[@]}"
+  report $R/$b "${found[@]}" --loss softmax --loss logsoftmax-resnet --metric auroc "${THESIS[@]}" \
+    --group-by data
 done
 if have cifar10-jpeg-pretrained; then
   echo; echo "## cifar10-jpeg-pretrained: every gradient-free post-hoc detector"
