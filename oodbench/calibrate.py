@@ -50,9 +50,11 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, objective: str =
     best_x, best_v = (float(res.x), float(res.fun)) if res.fun <= values[i] else (grid[i],
                                                                                   values[i])
     bound = None
-    if best_x - lo < BOUND_TOLERANCE:
+    # at a bound, or on a plateau reaching it: a perfectly separated split has NLL exactly 0
+    # (in float64) for every T below some value, and the optimum found there means nothing
+    if best_x - lo < BOUND_TOLERANCE or values[0] <= best_v:
         bound = "lower"
-    elif hi - best_x < BOUND_TOLERANCE:
+    elif hi - best_x < BOUND_TOLERANCE or values[-1] <= best_v:
         bound = "upper"
     t = float(math.exp(best_x))
     return {"temperature": t, "objective": objective, "objective_before": f(0.0),

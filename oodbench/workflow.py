@@ -290,7 +290,8 @@ def calibration_warnings(res: dict[str, Any]) -> list[str]:
     out = [res["warning"]] if res.get("warning") else []
     if res.get("at_bound"):
         out.append(f"the temperature stopped at the {res.get('bound', '')} search bound "
-                   f"{res.get('bounds', '')}; the validation split may be too small (a "
+                   f"{res.get('bounds', '')} (or where the objective is already as low as "
+                   "there); the validation split may be too small (a "
                    "perfectly classified one drives T to its lower bound) or the model "
                    "degenerate: treat calibrated numbers with care")
     return out

@@ -79,3 +79,15 @@ def test_calibrate_command_uses_validation_split_and_score_uses_temperature(tmp_
     assert r.exit_code == 0, r.output
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["detectors"]["msp"]["temperature"] == pytest.approx(cal["temperature"])
+
+
+def test_a_plateau_reaching_the_bound_is_reported() -> None:
+    """A perfectly separated split with large margins: NLL is exactly 0 in float64 for every T
+    below about 0.5, so the optimiser may stop anywhere on that plateau, not at the bound."""
+    labels = torch.arange(10).repeat(5)
+    logits = 20.0 * torch.nn.functional.one_hot(labels, 10).float()
+    nll = torch.nn.functional.cross_entropy(logits.double() / 0.01, labels).item()
+    assert nll == 0.0  # the plateau this test is about (independent of the code under test)
+    res = fit_temperature(logits, labels)
+    assert res["objective_after"] == 0.0
+    assert res["at_bound"] and res["bound"] == "lower"
