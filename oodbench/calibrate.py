@@ -5,7 +5,8 @@ The objective is NLL by default, or 15-bin ECE (the DisMax paper's choice). The 
 log T in [log 0.01, log 100]: a coarse grid first (ECE is piecewise constant in T, so a local
 optimiser alone can stall on a flat step), then a bounded 1-D minimisation (Brent) between the
 grid neighbours of the best grid point. Stopping at a bound is reported, since it usually means
-the validation split is too small or the model is degenerate (e.g. constant logits).
+the validation split is too small or the model is degenerate (e.g. constant logits); a split
+classified without error leaves T = 1 (see `fit_temperature`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ BOUND_TOLERANCE = 1e-3  # in log T
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, objective: str = "nll",
                     bounds: tuple[float, float] = T_BOUNDS) -> dict[str, Any]:
     """Returns {temperature, objective, objective_before, objective_after, at_bound, bound,
-    before, after}, where before/after are accuracy, ECE and NLL on these logits."""
+    fitted, before, after}, where before/after are accuracy, ECE and NLL on these logits.
+    `fitted` False: the split is classified perfectly and the search ran to the lower bound, so
+    T = 1 is kept (no temperature is identifiable from such a split)."""
     if objective not in OBJECTIVES:
         raise OodbenchError(f"unknown calibration objective {objective!r}", "use nll or ece")
     if len(labels) == 0:
@@ -56,9 +59,12 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, objective: str =
         bound = "lower"
     elif hi - best_x < BOUND_TOLERANCE or values[-1] <= best_v:
         bound = "upper"
-    t = float(math.exp(best_x))
+    before = classification_metrics(logits, labels, 1.0)
+    # every sample right: NLL (and ECE) fall without limit as T → 0, so the "fit" is the bound
+    # and would make the test NLL explode on the first error; no temperature is fitted
+    fitted = not (bound == "lower" and before["accuracy"] == 1.0)
+    t = float(math.exp(best_x)) if fitted else 1.0
     return {"temperature": t, "objective": objective, "objective_before": f(0.0),
-            "objective_after": best_v, "at_bound": bound is not None, "bound": bound,
-            "bounds": list(bounds),
-            "before": classification_metrics(logits, labels, 1.0),
+            "objective_after": best_v if fitted else f(0.0), "at_bound": bound is not None,
+            "bound": bound, "bounds": list(bounds), "fitted": fitted, "before": before,
             "after": classification_metrics(logits, labels, t)}

@@ -333,7 +333,9 @@ def calibrate(
             m = res[k]
             t.add_row(k, f"{m['accuracy']:.2%}", f"{m['ece']:.2%}", f"{m['nll']:.4f}")
         out.print(t)
-        out.print(f"temperature T = {res['temperature']:.4f} (objective {objective}); "
+        how = (f"objective {objective}" if res.get("fitted", True)
+               else "none fitted: see the warning")
+        out.print(f"temperature T = {res['temperature']:.4f} ({how}); "
                   f"stored in {run.calibration_path}")
         _warn(res)
 

@@ -276,6 +276,8 @@ def _run_one(req: BenchmarkRequest, run: Run, label: str, ctx: DataContext,
     state = RunState(False, False) if req.rescore else run_state(run)
     cal = state.calibration or calibrate_run(run, ctx, device, "nll", progress)
     kept = " (kept: fitted on these weights)" if state.calibrated else ""
+    if cal.get("fitted") is False:
+        kept = " (none fitted: see the warning)" + kept.replace(": fitted on", ": made on")
     say(f"calibrated {label}: T = {cal['temperature']:.3f}{kept}")
     for warning in calibration_warnings(cal):  # a kept calibration's too: they still apply
         say(f"[yellow]warning: {warning}")
@@ -288,7 +290,12 @@ def _run_one(req: BenchmarkRequest, run: Run, label: str, ctx: DataContext,
 
 def calibration_warnings(res: dict[str, Any]) -> list[str]:
     out = [res["warning"]] if res.get("warning") else []
-    if res.get("at_bound"):
+    if res.get("fitted") is False:
+        out.append(f"the validation split ({res.get('n', '?')} images) is classified without "
+                   "error, so NLL falls without limit as T → 0 and no temperature can be fitted "
+                   "from it: T = 1 kept (calibrated = uncalibrated); calibrating needs a "
+                   "validation split with errors (a larger one)")
+    elif res.get("at_bound"):
         out.append(f"the temperature stopped at the {res.get('bound', '')} search bound "
                    f"{res.get('bounds', '')} (or where the objective is already as low as "
                    "there); the validation split may be too small (a "

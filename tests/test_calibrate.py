@@ -3,6 +3,7 @@ validation split of a run, and the calibrated temperature reaches the detectors.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -89,5 +90,32 @@ def test_a_plateau_reaching_the_bound_is_reported() -> None:
     nll = torch.nn.functional.cross_entropy(logits.double() / 0.01, labels).item()
     assert nll == 0.0  # the plateau this test is about (independent of the code under test)
     res = fit_temperature(logits, labels)
-    assert res["objective_after"] == 0.0
     assert res["at_bound"] and res["bound"] == "lower"
+    # every sample right: no temperature is identifiable, T = 1 is kept, after == before
+    assert res["fitted"] is False and res["temperature"] == 1.0
+    assert res["after"] == res["before"]
+    assert res["objective_after"] == res["objective_before"] > 0
+
+
+def test_one_error_makes_the_temperature_identifiable() -> None:
+    """The same split with one sample wrong: NLL now has an interior minimum (too small a T
+    blows up the wrong sample's loss), so a temperature is fitted, below 1 (over-separated)."""
+    labels = torch.arange(10).repeat(5)
+    logits = 20.0 * torch.nn.functional.one_hot(labels, 10).float()
+    logits[0] = 20.0 * torch.nn.functional.one_hot(torch.tensor(1), 10).float()
+    res = fit_temperature(logits, labels)
+    assert res["fitted"] is True and not res["at_bound"]
+    ts = np.exp(np.linspace(np.log(0.01), np.log(100), 4001))
+    want = ts[np.argmin([torch.nn.functional.cross_entropy(logits.double() / t, labels).item()
+                         for t in ts])]
+    assert res["temperature"] == pytest.approx(want, rel=0.01)
+
+
+def test_an_unfitted_temperature_is_warned_as_such() -> None:
+    from oodbench.workflow import calibration_warnings
+
+    labels = torch.arange(10).repeat(5)
+    res = fit_temperature(20.0 * torch.nn.functional.one_hot(labels, 10).float(), labels)
+    (w,) = calibration_warnings({**res, "n": 50})
+    assert "(50 images) is classified without error" in w and "T = 1 kept" in w
+    assert "stopped at" not in w  # not the generic bound warning: T did not stop anywhere
