@@ -53,11 +53,15 @@ def write_plots(runs: list[LoadedMetrics], dest: Path, filters: Filters | None =
         m = r.data
         tag = (m["benchmark"], m["loss"], f"seed{m['seed']}")
         oods = [o for o in m["ood_sets"] if not filters.ood or o in filters.ood]
-        for det in m["detectors"]:
+        for det, rec in m["detectors"].items():
             if filters.detectors and det not in filters.detectors:
                 continue
+            if rec.get("applicable") is False:  # refused this head: it has no scores to draw
+                warn(f"{det} is n/a on {r.run_dir} ({rec.get('reason', 'refused')}): no plots")
+                continue
             in_scores = load_scores(r, det, r.test_set)
-            out_scores = {o: load_scores(r, det, o) for o in oods}
+            # a set left out (non-finite scores) has no metric and may have no saved scores
+            out_scores = {o: load_scores(r, det, o) for o in oods if o in rec.get("ood", {})}
             title = f"{m['benchmark']} · {m['loss']} + {det} · seed {m['seed']}"
             written.append(_save(histograms(in_scores, out_scores, title, r.test_set),
                                  dest / f"{_safe(*tag, det)}_hist.png"))

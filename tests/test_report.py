@@ -335,3 +335,16 @@ def test_compare_of_two_losses_says_what_each_side_holds(tmp_path: Path):
     assert "holds toy · smallcnn8: dismax" in res.output
     assert "holds toy · smallcnn8: softmax" in res.output
     assert f"report both: `oodbench report {a} {b}`" in " ".join(res.output.split())
+
+
+def test_plots_skip_a_detector_that_refused_the_head(runs: Path, tmp_path: Path):
+    """react is n/a on a DisMax head (no scores saved): --plots draws the others and says so."""
+    path = runs / "dismax-seed0" / "metrics.json"
+    m = json.loads(path.read_text())
+    m["detectors"]["react"] = {"applicable": False, "reason": "needs a linear head", "ood": {}}
+    path.write_text(json.dumps(m))
+    res = invoke(runs, "--no-write", "--plots", tmp_path / "figs")
+    assert res.exit_code == 0, res.output
+    names = {p.name for p in (tmp_path / "figs").iterdir()}
+    assert "toy_dismax_seed0_mmles_roc.png" in names and not any("react" in n for n in names)
+    assert "react is n/a" in " ".join(res.output.split())
