@@ -530,8 +530,11 @@ def _print_scores(run_dir: Path, m: dict[str, Any]) -> None:
             console.print(f"[bold red]{d}: {n} NaN/infinite score(s) on {s}; no metric computed")
         sel = r.get("selection", {})
         if sel.get("mode", "none") != "none":
-            console.print(f"{d}: selection {sel['mode']} on {sel.get('validation')} vs "
-                          f"{sel.get('negatives')}: {sel.get('chosen', sel.get('weights'))}")
+            against = (f" vs {sel['negatives']}" if sel.get("negatives")
+                       else f" (no negatives; criterion: {sel.get('criterion', 'in-dist only')})")
+            console.print(f"{d}: selection {sel['mode']} on {sel.get('validation')} "
+                          f"(validation split){against}: "
+                          f"{sel.get('chosen', sel.get('weights'))}")
     out.print(f"test accuracy {m['classification']['uncalibrated']['accuracy']:.2%}; "
               f"metrics in {run_dir / 'metrics.json'}")
 

@@ -49,6 +49,15 @@ def test_train_calibrate_score_report(tiny_benchmark, tmp_path):
     assert r.exit_code == 0, r.output
     assert "no forward pass was run" in r.output
 
+    # a list hyperparameter given comma-separated; id selection has no negatives to name
+    r = invoke("score", run_dir, "-d", "odin", "--selection", "id", "-p", "odin.eps_grid=0,0.001")
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert "odin: selection id on" in said and "(no negatives; criterion" in said
+    assert "vs None" not in said
+    odin = json.loads((run_dir / "metrics.json").read_text())["detectors"]["odin"]
+    assert odin["selection"]["chosen"]["epsilon"] in (0.0, 0.001)
+
     r = invoke("report", tmp_path / "runs")
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "runs" / "report.json").read_text())

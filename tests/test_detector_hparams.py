@@ -173,3 +173,18 @@ def test_the_readme_adding_a_detector_example_works() -> None:
     assert MyScore().required_outputs(()) == {"logits"}
     with pytest.raises(OodbenchError, match=r"MyScore\.T must be a float > 0, got -2"):
         MyScore(T=-2)
+
+
+def test_a_list_may_be_given_comma_separated_and_the_hint_is_accepted() -> None:
+    """`-p odin.eps_grid=0,0.001` reaches the detector as the YAML string "0,0.001"; and the
+    value a refusal suggests must itself be accepted (it once suggested this form and refused
+    it)."""
+    import yaml
+
+    assert create("odin", eps_grid=yaml.safe_load("0,0.001")).params["eps_grid"] == [0.0, 0.001]
+    with pytest.raises(OodbenchError) as e:
+        create("odin", eps_grid="0,abc")
+    hint = e.value.hint
+    value = hint.split("-p odin.eps_grid=")[1].split(" ")[0]
+    assert create("odin", eps_grid=yaml.safe_load(value)).params["eps_grid"] == [
+        0.0, 0.0005, 0.001, 0.0014, 0.002, 0.0024, 0.005, 0.01, 0.05, 0.1, 0.2]

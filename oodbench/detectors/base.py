@@ -100,8 +100,8 @@ _KINDS = {float: "a float", int: "an int", str: "a non-empty string", bool: "a b
 @dataclass(frozen=True)
 class HParam:
     """One hyperparameter: default, type (float, int, str, bool, or `list` = a non-empty list of
-    floats), optional bounds (`gt`: >, `ge`: >=, `le`: <=; on every element of a list) or
-    `choices`."""
+    floats, given as a list or as a comma-separated string), optional bounds (`gt`: >, `ge`: >=,
+    `le`: <=; on every element of a list) or `choices`."""
 
     default: Any
     type: type = float
@@ -131,6 +131,8 @@ class HParam:
         """The value as this type (strings such as "1e-3" are parsed); ValueError if it is not
         of the type or out of range."""
         if self.type is list:
+            if isinstance(value, str):  # "-p odin.eps_grid=0,0.001": YAML reads a string
+                value = [v for v in value.split(",") if v.strip()]
             if not isinstance(value, list | tuple) or not value:
                 raise ValueError(value)
             return [self._check(_to_float(v)) for v in value]
