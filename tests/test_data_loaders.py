@@ -212,3 +212,22 @@ def test_unknown_and_parametric_names(tmp_path: Path) -> None:
         get_dataset("no-such-set")
     with pytest.raises(OodbenchError, match="needs a path"):
         get_dataset("folder:")
+
+
+@pytest.mark.parametrize("name", ["svhn", "kmnist", "cifar10"])
+def test_a_failed_download_names_the_way_by_hand(tmp_path: Path, monkeypatch, name: str) -> None:
+    """No network (as on this machine): the error must not tell the user to run the download
+    that just failed, only where to put the files."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    source = get_dataset(name)
+    with pytest.raises(OodbenchError) as e:
+        source.download(DataContext(tmp_path, tmp_path / "cache", download=True))
+    assert e.value.message.startswith(f"downloading {name} failed")
+    assert "--download" not in e.value.hint and e.value.hint.startswith("get it by hand: ")
+    assert "data root" in e.value.hint

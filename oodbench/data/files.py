@@ -145,6 +145,11 @@ class FileSource(DatasetSource):
     def how_to_get(self) -> str:
         return self.obtain
 
+    def how_to_get_by_hand(self) -> str:
+        """`how_to_get` without the download command: what to say once a download failed."""
+        head, sep, rest = self.obtain.partition(", or ")
+        return f"get it by hand: {rest}" if sep and "--download" in head else self.obtain
+
     def require(self, ctx: DataContext, name: str, only: tuple[str, ...] | None = None) -> None:
         """Raise naming every missing file (of the resources `only`, when given), with how to
         get them, unless downloading is allowed and this source can download."""

@@ -98,7 +98,8 @@ class IdxSource(FileSource):
             getattr(tvd, self.torchvision_class)(str(ctx.root), train=True, download=True)
             getattr(tvd, self.torchvision_class)(str(ctx.root), train=False, download=True)
         except Exception as e:  # network and archive errors of every kind
-            raise OodbenchError(f"downloading {self.name} failed: {e}", self.how_to_get()) from e
+            raise OodbenchError(f"downloading {self.name} failed: {e}",
+                                self.how_to_get_by_hand()) from e
 
 
 def idx_names(split: str) -> tuple[str, str]:

@@ -107,7 +107,8 @@ class CifarSource(FileSource):
             for train in (True, False):
                 getattr(tvd, self.torchvision_class)(str(ctx.root), train=train, download=True)
         except Exception as e:  # network and archive errors of every kind
-            raise OodbenchError(f"downloading {self.name} failed: {e}", self.how_to_get()) from e
+            raise OodbenchError(f"downloading {self.name} failed: {e}",
+                                self.how_to_get_by_hand()) from e
 
 
 @DATASETS.register("cifar10")
@@ -183,4 +184,5 @@ class Svhn(FileSource):
             for split in self.splits:
                 tvd.SVHN(str(Path(ctx.root) / "SVHN"), split=split, download=True)
         except Exception as e:  # network errors of every kind
-            raise OodbenchError(f"downloading svhn failed: {e}", self.how_to_get()) from e
+            raise OodbenchError(f"downloading svhn failed: {e}",
+                                self.how_to_get_by_hand()) from e
