@@ -301,9 +301,11 @@ def paper_tables(rep: dict[str, Any], metrics: tuple[str, ...] = PAPER_METRICS,
             t.add([_col_label(g, col), *cells], [False, *emph])
         tables.append(t)
     if not tables:
+        losses = sorted({r["loss"] for g in rep["groups"] for r in g["rows"]})
         raise OodbenchError("--style paper found none of its loss + detector pairs "
                             f"({', '.join(f'{lo}:{d}' for lo, d in pairs)})",
-                            "name the pairs to show with --pair LOSS:DETECTOR")
+                            "name the pairs to show with --pair LOSS:DETECTOR; the losses here: "
+                            + ", ".join(repr(lo) if " " in lo else lo for lo in losses))
     return tables
 
 

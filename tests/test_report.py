@@ -218,6 +218,7 @@ def test_paper_style(runs: Path):
     assert "| near1 (near) |" in res.stdout
     res = invoke(runs, "--style", "paper", "--no-write", "--pair", "isomax:es")
     assert res.exit_code == 2
+    assert "the losses here: dismax, softmax" in " ".join(res.output.split())
 
 
 def test_bootstrap_interval(runs: Path):
