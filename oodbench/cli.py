@@ -152,6 +152,11 @@ Significance = Annotated[int, typer.Option(
     help="Paired-bootstrap replicates over test samples (0 = off; e.g. 1000): mark the rows "
          "tied with the best per AUROC column (†), and with --compare whether each AUROC Δ is "
          "significant (95 %).")]
+GroupBy = Annotated[str, typer.Option(
+    metavar="KEY",
+    help="What a table shares: benchmark (one table per benchmark, data set and model) or data "
+         "(benchmarks of one data set and model in one table, each loss named with its "
+         "benchmark, e.g. an ablation beside its base; ties tested across them).")]
 Forget = Annotated[list[str] | None, typer.Option(
     metavar="NAME",
     help="Remove this detector's results from metrics.json and its saved scores, then stop "
@@ -582,11 +587,7 @@ def report(
     ] = None,
     write: Annotated[bool, typer.Option(metavar="", help="Write the report files.")] = True,
     significance: Significance = 0,
-    group_by: Annotated[str, typer.Option(metavar="KEY",
-        help="What a table shares: benchmark (one table per benchmark, data set and model) or "
-             "data (benchmarks of one data set and model in one table, each loss named with "
-             "its benchmark, e.g. an ablation beside its base; ties tested across them).")
-    ] = "benchmark",
+    group_by: GroupBy = "benchmark",
 ) -> None:
     """Compare runs (mean ± std over seeds), write it as JSON, Markdown and CSV, and gate CI.
 
