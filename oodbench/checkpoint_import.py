@@ -11,6 +11,7 @@ way.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from oodbench.config import RunConfig
+from oodbench.config import CheckpointEntry, RunConfig
 from oodbench.errors import OodbenchError
 from oodbench.experiment import (
     build_model,
@@ -28,7 +29,7 @@ from oodbench.experiment import (
 )
 from oodbench.models import MODELS
 from oodbench.models.pretrained import CHECKPOINT_FORMATS, read_foreign_checkpoint
-from oodbench.runs import Run, WeightsMismatch, load_weights
+from oodbench.runs import Run, WeightsMismatch, load_checkpoint, load_weights
 from oodbench.train import save_checkpoint, write_manifest
 
 
@@ -49,7 +50,8 @@ def import_checkpoint(path: Path, model: str, benchmark: str, run_dir: Path | No
         raise OodbenchError(f"a {fmt_name} checkpoint holds one of {list(fmt.models)}, "
                             f"not {model!r}", f"pass --model with one of {list(fmt.models)}")
     MODELS.get(model)  # an unknown name lists the registered models
-    bench = replace(load_checked_benchmark(benchmark), model=model, losses=["softmax"])
+    bench = replace(load_checked_benchmark(benchmark), model=model, losses=["softmax"],
+                    checkpoints=[])  # the run holds one of them; its config says which model
     if fmt.mean is None or fmt.std is None:  # trained as oodbench does: the dataset's own
         info = in_distribution_info(RunConfig(bench, "softmax", seed, {}))
         mean, std = info.mean, info.std
@@ -74,6 +76,28 @@ def import_checkpoint(path: Path, model: str, benchmark: str, run_dir: Path | No
     })
     write_import_manifest(run, Path(path), imported)
     return run, {"format": fmt_name, "run": str(run.path), "metadata": meta}
+
+
+def resolve_checkpoint(entry: CheckpointEntry, root: Path) -> Path:
+    """The one file a benchmark's `checkpoints:` entry names: its `path` under the data root
+    `root` (unless absolute), a glob allowed; none or several matching is an error."""
+    pattern = Path(entry.path).expanduser()
+    pattern = pattern if pattern.is_absolute() else root / pattern
+    found = sorted(Path(p) for p in glob.glob(str(pattern)) if Path(p).is_file())
+    if len(found) == 1:
+        return found[0]
+    what = "no file" if not found else f"{len(found)} files ({', '.join(map(str, found[:3]))})"
+    raise OodbenchError(
+        f"checkpoint {entry.name!r}: {pattern} matches {what}",
+        "put the checkpoint there, point --data-root / $OODBENCH_DATA at the folder holding "
+        f"{entry.path}, or give the entry's `path:` as one file"
+        + (" (a narrower glob)" if found else ""))
+
+
+def imported_from(run: Run) -> str | None:
+    """The checkpoint file a run folder's weights were imported from (None: trained here)."""
+    imported = load_checkpoint(run.checkpoint_path).get("imported")
+    return imported.get("path") if isinstance(imported, dict) else None
 
 
 def write_import_manifest(run: Run, path: Path, imported: dict[str, Any]) -> None:

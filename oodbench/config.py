@@ -360,6 +360,26 @@ class OutlierSet:
     NON_EMPTY: ClassVar[tuple[str, ...]] = ("dataset",)
 
 
+@dataclass
+class CheckpointEntry:
+    """A `checkpoints:` entry: published weights that `oodbench run` imports (once) and then
+    calibrates and scores instead of training a model. `path` is relative to the data root
+    unless absolute, and may be a glob that matches exactly one file."""
+
+    model: str
+    path: str
+    seed: int = 0  # checkpoints of one model with distinct seeds are averaged as seeds
+    name: str = ""  # the run folder's name; default: the model's (`MODEL-seedN` for seed N > 0)
+
+    RANGES: ClassVar[dict[str, Range]] = {"seed": NON_NEGATIVE}
+    NON_EMPTY: ClassVar[tuple[str, ...]] = ("model", "path")
+    NAMES: ClassVar[tuple[str, ...]] = ("name", "model")
+
+    def __post_init__(self) -> None:
+        if not self.name and isinstance(self.model, str):
+            self.name = self.model if not self.seed else f"{self.model}-seed{self.seed}"
+
+
 def _in_distribution(raw: Any, source: str, prefix: str) -> dict[str, Any]:
     """`in_distribution: NAME` or `{dataset: NAME, classes: [...]}` → dataset / classes."""
     where = _join(prefix, "in_distribution")
@@ -454,6 +474,9 @@ class BenchmarkConfig:
     # auxiliary outliers, `outliers: NAME` or {dataset, split, adapt, ratio}; only losses that
     # train with outliers (oe, energy-ft) load them
     outliers: OutlierSet | None = None
+    # published weights to import and score instead of training (`oodbench run`); then
+    # `losses` must be [softmax] and `train` is not used
+    checkpoints: list[CheckpointEntry] = field(default_factory=list)
 
     RANGES: ClassVar[dict[str, Range]] = {"classes": NON_NEGATIVE, "seeds": NON_NEGATIVE}
     NON_EMPTY: ClassVar[tuple[str, ...]] = ("classes", "seeds", "losses", "detectors",
@@ -469,7 +492,10 @@ class BenchmarkConfig:
         return [o for o in self.ood if o.group == "far"]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.checkpoints:  # a trained run's config.yaml stays as it was before the key
+            del out["checkpoints"]
+        return out
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "<dict>", prefix: str = "") -> BenchmarkConfig:
@@ -500,8 +526,10 @@ class BenchmarkConfig:
         registries (that is `oodbench.experiment.check_benchmark`, run wherever a benchmark is
         loaded for use)."""
         where_ind = _join(prefix, "in_distribution")
-        check_fields(self, prefix, source, skip=("train", "ood", "shift", "outliers"))
+        check_fields(self, prefix, source,
+                     skip=("train", "ood", "shift", "outliers", "checkpoints"))
         self._check_outliers(source, prefix)
+        self._check_checkpoints(source, prefix)
         if not isinstance(self.train, TrainConfig):
             _fail(source, _join(prefix, "train"), "must be a mapping of training options",
                   "write e.g. `train: {epochs: 30}`")
@@ -539,6 +567,32 @@ class BenchmarkConfig:
                   "write e.g. `outliers: {dataset: blobs, split: train}`")
         if self.outliers is not None:
             check_fields(self.outliers, where, source)
+
+    def _check_checkpoints(self, source: str, prefix: str) -> None:
+        """Each entry built and checked in place; names distinct; only SoftMax heads."""
+        where, raw = _join(prefix, "checkpoints"), self.checkpoints
+        if not isinstance(raw, list):
+            _fail(source, where, f"must be a list of {{model, path}} entries, got {_shown(raw)}",
+                  "write e.g. `checkpoints: [{model: resnet20, path: models/resnet20.th}]`")
+        self.checkpoints = [e if isinstance(e, CheckpointEntry) else
+                            build(CheckpointEntry, e, _join(where, i), source)
+                            for i, e in enumerate(raw)]
+        for i, entry in enumerate(self.checkpoints):
+            check_fields(entry, _join(where, i), source)
+        runs = [(e.model, e.seed) for e in self.checkpoints]
+        for model, seed in sorted({r for r in runs if runs.count(r) > 1}):
+            _fail(source, where, f"lists seed {seed} of {model} more than once",
+                  "give each checkpoint of one model its own `seed:` (they are averaged as "
+                  "seeds), or put them in separate benchmark files")
+        names = [e.name for e in self.checkpoints]
+        if len(set(names)) != len(names):
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            _fail(source, where, f"run names repeat: {repeated}",
+                  "give each entry its own `name:` (the run folders' names)")
+        if self.checkpoints and self.losses != ["softmax"]:
+            _fail(source, _join(prefix, "losses"), f"is {_yaml(self.losses)}, but imported "
+                  "checkpoints are scored with their own linear head",
+                  "write `losses: [softmax]` (or drop `checkpoints:` to train these losses)")
 
     def _check_normalization(self, source: str, prefix: str) -> None:
         norm = self.normalization

@@ -22,7 +22,7 @@ from oodbench.data import DataContext
 from oodbench.distributed import refuse_under_torchrun
 from oodbench.pipeline import run_state
 from oodbench.runs import HELD_BY_PARENT, Run, RunInUse
-from oodbench.workflow import BenchmarkRequest, benchmark_runs
+from oodbench.workflow import BenchmarkRequest, prepared_runs, run_label
 
 Status = Callable[[str, str], None]  # (run label, step) → shown by the CLI
 
@@ -40,25 +40,24 @@ class Job:
     returncode: int | None = None
     failed_step: str = ""
     held_by: str = ""  # set when another process was training the run: the job did not start
+    label: str = ""  # `loss/seedN`, or an imported checkpoint's name (`workflow.run_label`)
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.log = self.run.path / "job.log"
 
-    @property
-    def label(self) -> str:
-        cfg = self.run.config()
-        return f"{cfg.loss}/seed{cfg.seed}"
 
-
-def _job(run: Run, ctx: DataContext, device: str, compile_model: bool = False) -> Job:
+def _job(run: Run, ctx: DataContext, device: str, label: str, compile_model: bool = False,
+         imported: bool = False) -> Job:
+    """`imported`: the run holds imported weights (a benchmark's `checkpoints:`), so there is
+    no training step."""
     common = ["--data-root", str(ctx.root), "--device", device]
     base = [sys.executable, "-m", "oodbench"]
     path = str(run.path)
     train = [*base, "train", "--run-dir", path, *common, *(["--compile"] if compile_model else [])]
-    return Job(run, [("training", train),
+    return Job(run, [*([] if imported else [("training", train)]),
                      ("calibrating", [*base, "calibrate", path, *common]),
-                     ("scoring", [*base, "score", path, *common])])
+                     ("scoring", [*base, "score", path, *common])], label=label)
 
 
 def _execute(job: Job, env: dict[str, str], on_status: Status) -> None:
@@ -93,13 +92,14 @@ def run_sweep(req: BenchmarkRequest, ctx: DataContext, device: str, jobs: int,
     """Run the benchmark's unfinished runs, `jobs` at a time; returns the benchmark's runs
     folder and the jobs that ran (each with its return code)."""
     refuse_under_torchrun("oodbench run --jobs")
-    runs = benchmark_runs(req, ctx)
+    bench, runs = prepared_runs(req, ctx, lambda message: on_status("import", message))
     todo = []
     for run in runs:
         if not req.rescore and is_complete(run):
-            on_status(_job(run, ctx, device).label, "complete: skipped")
+            on_status(run_label(bench, run), "complete: skipped")
         else:
-            todo.append(_job(run, ctx, device, req.compile_model))
+            todo.append(_job(run, ctx, device, run_label(bench, run), req.compile_model,
+                             imported=bool(bench.checkpoints)))
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     pending, active = list(todo), []

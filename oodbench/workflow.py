@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from oodbench.config import BenchmarkConfig, RunConfig
+from oodbench.checkpoint_import import import_checkpoint, imported_from, resolve_checkpoint
+from oodbench.config import BenchmarkConfig, CheckpointEntry, RunConfig
 from oodbench.data import DataContext
 from oodbench.data.availability import require_benchmark_data
 from oodbench.distributed import launch, on_main, refuse_under_torchrun, world
@@ -193,6 +194,78 @@ def benchmark_runs(req: BenchmarkRequest, ctx: DataContext) -> list[Run]:
     return [Run.create(default_run_dir(cfg, req.runs_root), cfg) for cfg in configs]
 
 
+def prepared_runs(req: BenchmarkRequest, ctx: DataContext,
+                  say: Say = _quiet) -> tuple[BenchmarkConfig, list[Run]]:
+    """The benchmark and its run folders, ready for calibrate and score once trained: the
+    imported checkpoints of a benchmark with `checkpoints:`, else every (loss × seed) run."""
+    bench = load_checked_benchmark(req.benchmark)
+    if bench.checkpoints:
+        return bench, imported_runs(req, bench, ctx, say)
+    return bench, benchmark_runs(req, ctx)
+
+
+def run_label(bench: BenchmarkConfig, run: Run) -> str:
+    """How a run is named in messages: `loss/seedN`, or an imported checkpoint's name."""
+    if bench.checkpoints:
+        return run.path.name
+    cfg = run.config()
+    return f"{cfg.loss}/seed{cfg.seed}"
+
+
+def _imported_dir(req: BenchmarkRequest, bench: BenchmarkConfig, entry: CheckpointEntry) -> Path:
+    return req.runs_root / bench.name / entry.name
+
+
+def _refuse_training_options(req: BenchmarkRequest, bench: BenchmarkConfig) -> None:
+    given = [flag for flag, value in (("--loss", req.losses), ("--seeds", req.seeds),
+                                      ("--epochs", req.epochs)) if value]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        raise OodbenchError(
+            f"{', '.join(given)} {verb} not apply: benchmark {bench.name} scores the imported "
+            f"checkpoints it lists ({', '.join(e.name for e in bench.checkpoints)}), it trains "
+            "nothing", f"drop {', '.join(given)}")
+
+
+def imported_runs(req: BenchmarkRequest, bench: BenchmarkConfig, ctx: DataContext,
+                  say: Say = _quiet) -> list[Run]:
+    """The run folder of each of the benchmark's `checkpoints:`, importing those not imported
+    yet (every file is found before any folder is made). A folder holding other weights is
+    an error, not overwritten."""
+    _refuse_training_options(req, bench)
+    require_benchmark_data(bench, ctx)
+    check_benchmark_sets(RunConfig(bench, "softmax", bench.seeds[0]), ctx)
+    files = [resolve_checkpoint(e, ctx.root) for e in bench.checkpoints]
+    runs = []
+    for entry, path in zip(bench.checkpoints, files, strict=True):
+        run = Run(_imported_dir(req, bench, entry))
+        if not run.checkpoint_path.exists():
+            say(f"importing {path} ({entry.model}) → {run.path}")
+            run = import_checkpoint(path, entry.model, req.benchmark, run.path, entry.seed)[0]
+        elif imported_from(run) != str(path.resolve()):
+            raise OodbenchError(
+                f"{run.path} holds other weights than checkpoint {entry.name!r} "
+                f"({path}): {imported_from(run) or 'weights trained here'}",
+                "move that folder away, or give the entry another `name:`")
+        elif not _same_import(run, bench, entry):
+            raise OodbenchError(
+                f"{run.path} holds {entry.name!r} imported with another configuration (the "
+                "benchmark's model, detectors, sets or options changed since)",
+                "delete that folder to import and score it again")
+        runs.append(run)
+    return runs
+
+
+def _same_import(run: Run, bench: BenchmarkConfig, entry: CheckpointEntry) -> bool:
+    """The folder's config is what importing `entry` under `bench` makes (the normalisation
+    comes from the checkpoint's format, so it is taken from the folder)."""
+    held = run.config()
+    made = copy.deepcopy(bench)
+    made.model, made.losses, made.checkpoints = entry.model, ["softmax"], []
+    made.normalization = held.benchmark.normalization
+    return held.seed == entry.seed and held.benchmark.to_dict() == made.to_dict()
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """Where one run of a benchmark stands and what `oodbench run` would do with it."""
@@ -207,8 +280,28 @@ class RunPlan:
 def plan_benchmark(req: BenchmarkRequest) -> list[RunPlan]:
     """`oodbench run --dry-run`: each run's state and the steps `run` would take, judged as
     `run` judges them (`pipeline.run_state`), writing nothing."""
+    bench = load_checked_benchmark(req.benchmark)
+    if bench.checkpoints:
+        _refuse_training_options(req, bench)
+        return [_plan_imported(f"{bench.name}/{e.name}", Run(_imported_dir(req, bench, e)),
+                               bench, e, req.rescore) for e in bench.checkpoints]
     return [_plan_one(cfg, default_run_dir(cfg, req.runs_root), req.rescore)
             for cfg in _run_configs(req)[1]]
+
+
+def _plan_imported(label: str, run: Run, bench: BenchmarkConfig, entry: CheckpointEntry,
+                   rescore: bool) -> RunPlan:
+    if not run.checkpoint_path.exists():
+        return RunPlan(label, run.path, "not imported", ("import", "calibrate", "score"))
+    try:
+        ckpt = load_checkpoint(run.checkpoint_path)
+        if not ckpt.get("imported"):
+            return RunPlan(label, run.path, "holds weights trained here", ("stop with exit 2",))
+        if not _same_import(run, bench, entry):
+            return RunPlan(label, run.path, "holds another configuration", ("stop with exit 2",))
+        return _plan_finished(label, run, ckpt, rescore, run.in_use(), "imported")
+    except OodbenchError as e:
+        return RunPlan(label, run.path, f"unreadable: {e}", ("stop with exit 2",))
 
 
 def _plan_one(cfg: RunConfig, path: Path, rescore: bool) -> RunPlan:
@@ -233,12 +326,17 @@ def _plan_of(label: str, cfg: RunConfig, run: Run, rescore: bool) -> RunPlan:
         step = f", {ckpt['step']} steps into the next" if ckpt.get("step") else ""
         return RunPlan(label, path, f"{ckpt['epoch']}/{n} epochs trained{step}",
                        ("train (resume)", "calibrate", "score"), holder)
+    return _plan_finished(label, run, ckpt, rescore, holder, "trained")
+
+
+def _plan_finished(label: str, run: Run, ckpt: dict[str, Any], rescore: bool,
+                   holder: str | None, made: str) -> RunPlan:
     state = run_state(run, ckpt)
-    stands = ("trained, calibrated and scored" if state.scored else
-              "trained and calibrated" if state.calibrated else "trained")
+    stands = (f"{made}, calibrated and scored" if state.scored else
+              f"{made} and calibrated" if state.calibrated else made)
     todo = (("calibrate", "score") if rescore or not state.calibrated else
             ("score",) if not state.scored else ())
-    return RunPlan(label, path, stands, todo, holder)
+    return RunPlan(label, run.path, stands, todo, holder)
 
 
 def run_benchmark(req: BenchmarkRequest, ctx: DataContext, device: torch.device,
@@ -247,11 +345,10 @@ def run_benchmark(req: BenchmarkRequest, ctx: DataContext, device: torch.device,
     """Train, calibrate and score every (loss × seed) run; finished steps are skipped, so an
     interrupted `run` continues where it stopped. Returns the benchmark's runs folder."""
     refuse_under_torchrun("oodbench run")
-    runs = benchmark_runs(req, ctx)
+    bench, runs = prepared_runs(req, ctx, say)
     busy = []
     for run in runs:
-        cfg = run.config()
-        label = f"{cfg.benchmark.name}/{cfg.loss}/seed{cfg.seed}"
+        label = f"{bench.name}/{run_label(bench, run)}"
         try:
             with run.hold():
                 _run_one(req, run, label, ctx, device, reporter, progress, say)

@@ -12,13 +12,8 @@ S=benchmarks/study
 for b in mnist-study mnist-study-entropy fashionmnist-study fashionmnist-study-entropy; do
   oodbench run $S/$b.yaml --runs-root "$R"
 done
-for n in 20 32 44 56; do
-  d=$R/cifar10-jpeg-pretrained/resnet$n
-  [ -d "$d" ] || oodbench import-checkpoint "$OODBENCH_DATA"/models/akamaster-resnet-cifar10/resnet$n-*.th \
-    --model resnet$n --benchmark $S/cifar10-jpeg-pretrained.yaml --run-dir "$d"
-  # the imported weights never change: scored once is done (`run` judges its own runs itself)
-  [ -f "$d/metrics.json" ] || { oodbench calibrate "$d" && oodbench score "$d"; }
-done
+# imports the four pretrained ResNets its `checkpoints:` list, then calibrates and scores them
+oodbench run $S/cifar10-jpeg-pretrained.yaml --runs-root "$R"
 for b in cifar10-jpeg-compact cifar10-jpeg-compact-nomosaic cifar10-jpeg-compact-logsoftmax \
          cifar10-jpeg-compact-logsoftmax-entropy; do
   oodbench run $S/$b.yaml --runs-root "$R"
