@@ -313,7 +313,12 @@ SIGNIFICANT_MARK = "sig."
 
 
 def _delta_text(v: dict[str, Any]) -> str:
-    text = f"{v['a'] * 100:.1f} → {v['b'] * 100:.1f} ({v['delta'] * 100:+.1f})"
+    """'a → b (Δ)' in points; a Δ that one decimal would show as ±0.0 gets two significant
+    digits, so a tiny but significant difference does not read as none."""
+    d = v["delta"] * 100
+    delta = (f"{d:+.1f}" if d == 0 or abs(d) >= 0.05 else f"{d:+.2g}" if abs(d) >= 0.001
+             else f"{'-' if d < 0 else '+'}<0.001")
+    text = f"{v['a'] * 100:.1f} → {v['b'] * 100:.1f} ({delta})"
     if "significant" in v:
         text += f" {SIGNIFICANT_MARK}" if v["significant"] else " n.s."
     return text
@@ -322,7 +327,7 @@ def _delta_text(v: dict[str, Any]) -> str:
 def comparison_tables(cmp: dict[str, Any], metrics: tuple[str, ...],
                       selective: tuple[str, ...] = ()) -> list[TableModel]:
     """Per group and OOD metric: 'a → b (Δ)' in points; improvements emphasised; with
-    --significance, AUROC cells say whether Δ is significant (*) or not (n.s.). Then the
+    --significance, AUROC cells say whether Δ is significant (sig.) or not (n.s.). Then the
     selective metrics (of `selective` or `metrics`) on the in-distribution test set."""
     tables = []
     sig = cmp.get("significance")

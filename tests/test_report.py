@@ -349,3 +349,15 @@ def test_plots_skip_a_detector_that_refused_the_head(runs: Path, tmp_path: Path)
     names = {p.name for p in (tmp_path / "figs").iterdir()}
     assert "toy_dismax_seed0_mmles_roc.png" in names and not any("react" in n for n in names)
     assert "react is n/a" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("a, b, shown", [
+    (0.9, 0.95, "90.0 → 95.0 (+5.0)"),
+    (1.0, 0.99998, "100.0 → 100.0 (-0.002)"),   # −0.002 points, not "-0.0"
+    (1.0, 0.9999996, "100.0 → 100.0 (-<0.001)"),
+    (0.5, 0.5, "50.0 → 50.0 (+0.0)"),
+])
+def test_a_tiny_compare_delta_is_not_shown_as_zero(a, b, shown):
+    from oodbench.render import _delta_text
+
+    assert _delta_text({"a": a, "b": b, "delta": b - a, "significant": True}) == shown + " sig."
