@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from oodbench.errors import OodbenchError, interrupt_exit_code
+from oodbench.errors import OodbenchError, interrupt_exit_code, leave_closed_pipe
 
 app = typer.Typer(
     name="oodbench",
@@ -82,6 +82,8 @@ def command(name: str | None = None) -> Callable[[Callable[..., Any]], Callable[
                 _fail(e)
             except (typer.Exit, typer.Abort, SystemExit):
                 raise
+            except BrokenPipeError:  # `oodbench report | head`: the reader left; no bug
+                leave_closed_pipe()
             except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: work saved, exit 130 / 143
                 from oodbench.console import console
 
@@ -425,10 +427,14 @@ def score(
     from oodbench.experiment import pick_device
     from oodbench.pipeline import score_run
 
+    if selection is not None and selection not in SELECTION_MODES:
+        raise OodbenchError(f"--selection {selection!r} is not a selection mode",
+                            f"pass one of {', '.join(SELECTION_MODES)} (see --help)")
     runs = _runs(run_dir, runs_root, benchmark, loss, seed)
     if forget:
         _forget(runs, forget)
         return
+    _warn_unreadable_metrics(runs)
     ctx, dev = DataContext.resolve(data_root), join(pick_device(device))
     params = parse_params(param)
     _score_each(runs, lambda run, pf: score_run(run, ctx, dev, detector, calibrated, pf, params,
@@ -454,10 +460,45 @@ def _score_each(runs: list[Any], score_one: Callable[[Any, Any], dict[str, Any] 
                             "check the detector's hyperparameters (-p) and the model's outputs")
 
 
+SELECTION_MODES = ("none", "id", "fgsm", "ood")
+
+
+def _warn_unreadable_metrics(runs: list[Any]) -> None:
+    """Scoring sets an unreadable metrics.json aside (`RUN/metrics.json.unreadable`) and keeps
+    none of its results: say so before, not silently."""
+    from oodbench.console import console
+    from oodbench.io import read_json
+
+    for run in runs:
+        try:
+            if run.metrics_path.exists():
+                read_json(run.metrics_path)
+        except (ValueError, UnicodeDecodeError):
+            console.print(f"[yellow]warning: {run.metrics_path} is not valid JSON: scoring sets "
+                          "it aside as metrics.json.unreadable, and the results it held are "
+                          "not kept (score those detectors again)")
+
+
+def _detectors_in(run: Any, read_json: Callable[[Path], Any]) -> list[str]:
+    try:
+        m = read_json(run.metrics_path) if run.metrics_path.exists() else {}
+    except (ValueError, UnicodeDecodeError):
+        return []
+    return list(m.get("detectors", {})) if isinstance(m, dict) else []
+
+
 def _forget(runs: list[Any], names: list[str]) -> None:
     from oodbench.console import console
+    from oodbench.detectors import DETECTORS
+    from oodbench.io import read_json
     from oodbench.pipeline import forget_detectors
 
+    held = {d for run in runs for d in _detectors_in(run, read_json)}
+    unknown = [n for n in names if n not in held and n not in DETECTORS.names()]
+    if unknown:
+        raise OodbenchError(f"--forget {', '.join(unknown)}: no such detector, registered or "
+                            "in these runs' results", "detectors in these runs' results: "
+                            f"{', '.join(sorted(held)) or 'none'}")
     for run in runs:
         gone = forget_detectors(run, names)
         console.print(f"{run.path}: removed {', '.join(gone) or 'nothing'}"

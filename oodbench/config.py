@@ -546,6 +546,14 @@ class BenchmarkConfig:
                       f"is named {o.name!r}, like the in-distribution dataset ({where_ind})",
                       f"give this OOD entry a distinct `name:`, e.g. `name: {o.name}-ood` (an "
                       "entry without `name` is named after its dataset)")
+        if not self.ood and self.shift is None:
+            _fail(source, _join(prefix, "ood"), "lists no OOD set, so no detector can be "
+                  "evaluated", "add at least one, e.g. `ood: {far: [gaussian]}`")
+        for key in ("losses", "detectors", "seeds"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                _fail(source, _join(prefix, key), f"repeats {_yaml(values)}",
+                      f"list each of the {key} once (a repeat would run or report it twice)")
         names = [o.name for o in self.ood]
         if len(set(names)) != len(names):
             repeated = sorted({n for n in names if names.count(n) > 1})

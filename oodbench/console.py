@@ -22,6 +22,7 @@ from rich.progress import (
 )
 
 from oodbench.distributed import is_main_process
+from oodbench.errors import leave_closed_pipe
 from oodbench.progress import EpochStats, StepReporter
 
 
@@ -35,9 +36,17 @@ def log_width(stream: TextIO) -> int | None:
 
 
 LOG_WIDTH = 200
-console = Console(stderr=True, quiet=not is_main_process(), width=log_width(sys.stderr))
-out = Console(quiet=not is_main_process(), width=log_width(sys.stdout))
-errors = Console(stderr=True, width=log_width(sys.stderr))
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:  # rich's default exits 1, the code of a failed gate
+        self.quiet = True
+        leave_closed_pipe()
+
+
+console = _Console(stderr=True, quiet=not is_main_process(), width=log_width(sys.stderr))
+out = _Console(quiet=not is_main_process(), width=log_width(sys.stdout))
+errors = _Console(stderr=True, width=log_width(sys.stderr))
 
 
 def make_progress() -> Progress:

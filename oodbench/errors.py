@@ -39,3 +39,18 @@ class Terminated(KeyboardInterrupt):
 def interrupt_exit_code(e: KeyboardInterrupt) -> int:
     """The shell's code for how the command was stopped: 143 for SIGTERM, 130 for Ctrl-C."""
     return getattr(e, "exit_code", 130)
+
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left
+
+
+def leave_closed_pipe() -> None:
+    """`oodbench report | head`: the reader closed the pipe. Point stdout at /dev/null (so the
+    interpreter's final flush does not fail again) and exit 141 like any Unix writer, not 1,
+    which `report` uses for a failed gate."""
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(SIGPIPE_EXIT)

@@ -66,10 +66,12 @@ class Run:
             if old.to_dict() != cfg.to_dict():
                 raise OodbenchError(
                     f"{path} already holds a run with another configuration",
-                    "pass another --run-dir, or delete that folder to start over",
+                    "delete that folder to start over, or put this run elsewhere (`train "
+                    "--run-dir DIR`, `run --runs-root DIR`)",
                 )
             run.remove_stale_temps()
             return run
+        _check_new_run_folder(run.path)
         write_yaml(run.config_path, cfg.to_dict())
         return run
 
@@ -144,6 +146,25 @@ _HELD: set[Path] = set()  # run folders this process holds (`Run.hold`)
 # Run folders a parent process holds for this one (`oodbench run --jobs` holds each run for its
 # train → calibrate → score children): os.pathsep-separated resolved paths.
 HELD_BY_PARENT = "OODBENCH_HELD_BY_PARENT"
+
+
+def _check_new_run_folder(path: Path) -> None:
+    """A new run goes into a missing or empty-of-runs folder: not onto a file, and not into a
+    folder of run folders (`runs/digits`), whose runs `score` and `report` would then mix."""
+    if path.exists() and not path.is_dir():
+        raise OodbenchError(f"{path} is a file, not a run folder",
+                            "pass a folder path (missing or empty) as the run folder")
+    if path.is_dir() and any(p.parent != path for p in _runs_below(path)):
+        raise OodbenchError(f"{path} holds run folders already, so it cannot be a run folder "
+                            "itself", f"pass a new folder, e.g. {path / 'NAME'}")
+
+
+def _runs_below(path: Path) -> list[Path]:
+    """Run configs one or two levels down (`runs/`, `runs/BENCHMARK/`); no deeper walk, so a
+    large folder is not crawled."""
+    found = [*path.glob("*/config.yaml"), *path.glob("*/*/config.yaml")]
+    return [p for p in found if (p.parent / "checkpoint.pt").exists()
+            or (p.parent / "metrics.json").exists()]
 
 
 def _held_here(key: Path) -> bool:

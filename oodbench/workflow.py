@@ -180,6 +180,12 @@ def _run_configs(req: BenchmarkRequest) -> tuple[BenchmarkConfig, list[RunConfig
     """The benchmark and the config of each of its (loss × seed) runs, checked."""
     bench = load_checked_benchmark(req.benchmark)
     losses = req.losses or bench.losses
+    if req.seeds is not None and not 1 <= req.seeds <= len(bench.seeds):
+        raise OodbenchError(
+            f"--seeds {req.seeds}: benchmark {bench.name} has {len(bench.seeds)} seed"
+            f"{'s' * (len(bench.seeds) != 1)} {bench.seeds}",
+            f"pass --seeds N with 1 ≤ N ≤ {len(bench.seeds)} (the first N are run), or add "
+            "seeds to the benchmark file's `seeds:`")
     seeds = bench.seeds[:req.seeds] if req.seeds else bench.seeds
     return bench, [run_config(copy.deepcopy(bench), loss, seed, req.epochs)
                    for loss in losses for seed in seeds]
@@ -218,7 +224,7 @@ def _imported_dir(req: BenchmarkRequest, bench: BenchmarkConfig, entry: Checkpoi
 
 def _refuse_training_options(req: BenchmarkRequest, bench: BenchmarkConfig) -> None:
     given = [flag for flag, value in (("--loss", req.losses), ("--seeds", req.seeds),
-                                      ("--epochs", req.epochs)) if value]
+                                      ("--epochs", req.epochs)) if value not in (None, [])]
     if given:
         verb = "does" if len(given) == 1 else "do"
         raise OodbenchError(
