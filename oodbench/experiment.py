@@ -179,10 +179,37 @@ def check_outliers_disjoint(label: str, outliers: ImageSet,
                 "`outliers:` (another dataset or split, e.g. `outliers: {dataset: blobs}`)")
 
 
+def in_distribution_holdout(cfg: RunConfig, ctx: DataContext) -> list[tuple[str, set[bytes]]]:
+    """Content hashes of the in-distribution splits no OOD set (test or validation) may share an
+    image with: the test split, scored as in-distribution, and the validation split that
+    calibration and selection use, each exactly as `load_in_distribution` makes it (restricted
+    to the benchmark's classes; carved out of train by `val_fraction` when the dataset has no
+    val split). An image on both sides would be scored, or tuned on, as both ID and OOD."""
+    return [(f"in-distribution {split} split ({cfg.benchmark.dataset})",
+             load_in_distribution(cfg, split, ctx).image_hashes()) for split in ("test", "val")]
+
+
+def check_ood_test_set(data: ImageSet, held: list[tuple[str, set[bytes]]]) -> ImageSet:
+    """Refuse an OOD test set that shares an image (by content) with an in-distribution split of
+    `held` (`in_distribution_holdout`): e.g. the in-distribution dataset's val split, all its
+    classes, or classes overlapping the in-distribution ones. Returns `data`."""
+    mine = data.image_hashes()
+    for name, hashes in held:
+        shared = len(mine & hashes)
+        if shared:
+            raise OodbenchError(
+                f"OOD test set {data.name!r} shares {shared} image(s) with the {name} "
+                "(compared by content); they would count as both in-distribution and OOD",
+                f"take {data.name!r} from another dataset or split, or give its entry `classes:` "
+                "disjoint from the in-distribution classes (as benchmark digits-near does)")
+    return data
+
+
 def check_benchmark_sets(cfg: RunConfig, ctx: DataContext) -> None:
     """Load every set the run will train on or score (in-distribution train / val / test and
-    each OOD entry, exactly as training and scoring load them) and check its shape, raising
-    one error that lists every problem.
+    each OOD entry, exactly as training and scoring load them) and check its shape, and that
+    no OOD set shares an image with the in-distribution test or validation split, raising one
+    error that lists every problem.
 
     Run before a run folder is created: an empty OOD folder, a file that is not an image or a
     wrong-shaped set otherwise surfaces only at `score`, after training, when the run's config
@@ -200,12 +227,13 @@ def check_benchmark_sets(cfg: RunConfig, ctx: DataContext) -> None:
 
     bench = cfg.benchmark
     if attempt(f"in-distribution {bench.dataset!r}", lambda: _in_distribution_ok(cfg)):
-        for split in ("train", "val", "test"):
-            attempt(f"in-distribution {split} split ({bench.dataset})",
-                    lambda split=split: _split_ok(cfg, split, ctx))
+        loaded = [attempt(f"in-distribution {split} split ({bench.dataset})",
+                          lambda split=split: _split_ok(cfg, split, ctx))
+                  for split in ("train", "val", "test")]
+        held = in_distribution_holdout(cfg, ctx) if all(loaded) else []
         for o in bench.ood:
             attempt(f"OOD set {o.name!r}" + (f" ({o.dataset})" if o.name != o.dataset else ""),
-                    lambda o=o: load_ood(cfg, o, ctx))
+                    lambda o=o: check_ood_test_set(load_ood(cfg, o, ctx)[0], held))
         if LOSSES.get(cfg.loss).criterion.needs_outliers:
             attempt("auxiliary outliers", lambda: load_outliers(cfg, ctx))  # disjoint too
     if problems:

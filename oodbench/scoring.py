@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,8 @@ from oodbench.detectors.gradients import frozen
 from oodbench.distributed import all_sum, joined_world, on_main
 from oodbench.errors import OodbenchError
 from oodbench.experiment import (
+    check_ood_test_set,
+    in_distribution_holdout,
     in_distribution_info,
     load_in_distribution,
     load_ood,
@@ -228,16 +230,17 @@ def load_sets(cfg: RunConfig, p: Plan, ctx: DataContext, device: torch.device) -
     def split(name: str) -> EvalSet:
         return EvalSet(load_in_distribution(cfg, name, ctx).to(device), tf, name)
 
+    held = in_distribution_holdout(cfg, ctx)  # no OOD image may be in the ID test / val split
     ood = []
     for o in cfg.benchmark.ood:
         data, otf = load_ood(cfg, o, ctx)
-        ood.append(EvalSet(data.to(device), otf, "ood", o.group))
+        ood.append(EvalSet(check_ood_test_set(data, held).to(device), otf, "ood", o.group))
     bundle = SetBundle(split("test"), ood)
     bundle.train = split("train") if p.fitting else None
     bundle.val = split("val") if p.selecting else None
     if p.ood_validation:
         bundle.ood_val = load_ood_validation(cfg, p.ood_validation, ctx, device)
-        check_disjoint(bundle.ood_val, bundle.evaluated)
+        check_disjoint(bundle.ood_val, bundle.evaluated, held)
     if p.oracle:
         bundle.ood_set(p.oracle)  # the name is checked before any work
     bundle.shifted = load_shift(cfg, ctx, device)
@@ -262,7 +265,9 @@ def load_ood_validation(cfg: RunConfig, dataset: str, ctx: DataContext,
                         device: torch.device) -> EvalSet:
     """The OOD validation set: a split of `dataset` that no OOD test entry uses ("val", else
     "train", else the one split no test entry reads). It is adapted (resized, channels
-    replicated) only when the benchmark's own entry for that dataset says `adapt: true`."""
+    replicated) only when the benchmark's own entry for that dataset says `adapt: true`, and
+    restricted to the classes of the benchmark's entries for it when every one names
+    `classes:` (digits-near's near-OOD digits 5-9 validate on digits 5-9, not on all ten)."""
     source = get_dataset(dataset)
     dataset = absolute_dataset_name(dataset)  # as the run's config stores folder: paths
     entries = [o for o in cfg.benchmark.ood if o.dataset == dataset]
@@ -273,22 +278,30 @@ def load_ood_validation(cfg: RunConfig, dataset: str, ctx: DataContext,
         raise OodbenchError(
             f"every split of {dataset!r} ({', '.join(source.splits)}) is an OOD test set of this "
             "benchmark, so it cannot also validate", "name another dataset with --ood-validation")
+    classes = (list(dict.fromkeys(c for e in entries for c in e.classes or ()))
+               if entries and all(e.classes for e in entries) else None)
     o = OODSet(dataset=dataset, name=f"{dataset}-validation", split=free[0],
-               adapt=any(e.adapt for e in entries))
+               classes=classes, adapt=any(e.adapt for e in entries))
     data, tf = load_ood(cfg, o, ctx)
     return EvalSet(data.to(device), tf, "ood-validation")
 
 
-def check_disjoint(val: EvalSet, tests: list[EvalSet]) -> None:
-    """Refuse OOD validation data that shares an image (by content) with any test set."""
+def check_disjoint(val: EvalSet, tests: list[EvalSet],
+                   held: Sequence[tuple[str, set[bytes]]] = ()) -> None:
+    """Refuse OOD validation data that shares an image (by content) with any test set, or with
+    an in-distribution split of `held` (`in_distribution_holdout`: the test split and the
+    validation split selection reads, where those images are the in-distribution side)."""
     mine = val.data.image_hashes()
-    for t in tests:
-        shared = len(mine & t.data.image_hashes())
+    against = [(f"test set {t.name!r}", t.data.image_hashes()) for t in tests]
+    for name, hashes in [*against, *held]:
+        shared = len(mine & hashes)
         if shared:
             raise OodbenchError(
-                f"OOD validation set {val.name!r} shares {shared} image(s) with the test set "
-                f"{t.name!r} (compared by content)",
-                "validate on data disjoint from every test set: another dataset or split")
+                f"OOD validation set {val.name!r} shares {shared} image(s) with the {name} "
+                "(compared by content)",
+                "validate on data disjoint from every test set and from the in-distribution "
+                "splits: pass another dataset to --ood-validation (or give the benchmark's OOD "
+                "entries for it `classes:` disjoint from the in-distribution classes)")
 
 
 # ------------------------------------------------------------------------------ the loaded model
