@@ -181,12 +181,14 @@ def check_outliers_disjoint(label: str, outliers: ImageSet,
 
 def in_distribution_holdout(cfg: RunConfig, ctx: DataContext) -> list[tuple[str, set[bytes]]]:
     """Content hashes of the in-distribution splits no OOD set (test or validation) may share an
-    image with: the test split, scored as in-distribution, and the validation split that
-    calibration and selection use, each exactly as `load_in_distribution` makes it (restricted
-    to the benchmark's classes; carved out of train by `val_fraction` when the dataset has no
-    val split). An image on both sides would be scored, or tuned on, as both ID and OOD."""
+    image with: the test split, scored as in-distribution, the validation split that
+    calibration and selection use, and the training split the model learnt as in-distribution,
+    each exactly as `load_in_distribution` makes it (restricted to the benchmark's classes;
+    val carved out of train by `val_fraction` when the dataset has no val split). An image on
+    both sides would be scored, tuned on or trained on as in-distribution and scored as OOD."""
     return [(f"in-distribution {split} split ({cfg.benchmark.dataset})",
-             load_in_distribution(cfg, split, ctx).image_hashes()) for split in ("test", "val")]
+             load_in_distribution(cfg, split, ctx).image_hashes())
+            for split in ("test", "val", "train")]
 
 
 def check_ood_test_set(data: ImageSet, held: list[tuple[str, set[bytes]]]) -> ImageSet:

@@ -28,6 +28,7 @@ from oodbench.cache import OutputCache, code_digest, model_digest
 from oodbench.calibrate import fit_temperature
 from oodbench.config import RunConfig
 from oodbench.data import DataContext, get_dataset
+from oodbench.data.availability import require_benchmark_data
 from oodbench.distributed import joined_world, main_first, on_main
 from oodbench.errors import OodbenchError
 from oodbench.experiment import build_model, check_run_config, load_in_distribution
@@ -184,6 +185,7 @@ def score_run(run: Run, ctx: DataContext, device: torch.device,
     choice, recorded as such and labelled in the report, never the default. Under torchrun
     the ranks share the forward passes and rank 0 does the rest (the others return None)."""
     cfg = run.config()
+    require_benchmark_data(cfg.benchmark, ctx)  # every missing set named at once, not the first
     lr = load_run(run, device, progress, batch_size)
     temperature, calibration = _temperature(run, lr, calibrated)
     dets = build_detectors(detectors or list(cfg.benchmark.detectors), params, selection,

@@ -230,7 +230,7 @@ def load_sets(cfg: RunConfig, p: Plan, ctx: DataContext, device: torch.device) -
     def split(name: str) -> EvalSet:
         return EvalSet(load_in_distribution(cfg, name, ctx).to(device), tf, name)
 
-    held = in_distribution_holdout(cfg, ctx)  # no OOD image may be in the ID test / val split
+    held = in_distribution_holdout(cfg, ctx)  # no OOD image may be in an ID split
     ood = []
     for o in cfg.benchmark.ood:
         data, otf = load_ood(cfg, o, ctx)
@@ -289,8 +289,8 @@ def load_ood_validation(cfg: RunConfig, dataset: str, ctx: DataContext,
 def check_disjoint(val: EvalSet, tests: list[EvalSet],
                    held: Sequence[tuple[str, set[bytes]]] = ()) -> None:
     """Refuse OOD validation data that shares an image (by content) with any test set, or with
-    an in-distribution split of `held` (`in_distribution_holdout`: the test split and the
-    validation split selection reads, where those images are the in-distribution side)."""
+    an in-distribution split of `held` (`in_distribution_holdout`: the test, validation and
+    training splits, where those images are the in-distribution side)."""
     mine = val.data.image_hashes()
     against = [(f"test set {t.name!r}", t.data.image_hashes()) for t in tests]
     for name, hashes in [*against, *held]:

@@ -164,7 +164,8 @@ class FileSource(DatasetSource):
             raise OodbenchError(
                 f"dataset {name!r} is missing under data root {ctx.root}: "
                 + ", ".join(str(p) for p in missing),
-                self.how_to_get())
+                f"{self.how_to_get()}; or point --data-root / $OODBENCH_DATA at the folder that "
+                "holds it (`oodbench data` shows what is present)")
 
     can_download = False
 
