@@ -29,7 +29,13 @@ from oodbench.experiment import (
 )
 from oodbench.models import MODELS
 from oodbench.models.pretrained import CHECKPOINT_FORMATS, read_foreign_checkpoint
-from oodbench.runs import Run, WeightsMismatch, load_checkpoint, load_weights
+from oodbench.runs import (
+    Run,
+    WeightsMismatch,
+    checkpoint_problem,
+    load_checkpoint,
+    load_weights,
+)
 from oodbench.train import save_checkpoint, write_manifest
 
 
@@ -69,6 +75,7 @@ def import_checkpoint(path: Path, model: str, benchmark: str, run_dir: Path | No
                               Path(path))
     load_weights(classifier, state, str(path))
     run = Run.create(run_dir or default_import_dir(bench.name, model, fmt_name), cfg)
+    refuse_other_weights(run, classifier.state_dict(), Path(path))
     imported = {"path": str(Path(path).resolve()), "format": fmt_name, **meta}
     save_checkpoint(run, {
         "model": classifier.state_dict(), "optimizer": {}, "epoch": bench.train.epochs,
@@ -94,6 +101,32 @@ def resolve_checkpoint(entry: CheckpointEntry, root: Path) -> Path:
         + (" (a narrower glob)" if found else ""))
 
 
+def refuse_other_weights(run: Run, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """An import into a folder that already holds a checkpoint is a no-op re-import when it
+    holds these very weights, imported; else an error: its calibration and scores describe
+    the weights it holds (and a run trained here is not overwritten)."""
+    if not run.checkpoint_path.exists():
+        return
+    try:
+        held = load_checkpoint(run.checkpoint_path)
+    except OodbenchError:
+        held = {"model": {}, "imported": {"path": "an unreadable checkpoint"}}
+    source = held.get("imported")
+    if isinstance(source, dict) and _same_weights(held["model"], weights):
+        return
+    what = (f"other weights (imported from {source.get('path')})" if isinstance(source, dict)
+            else "a run trained here")
+    raise OodbenchError(
+        f"{run.path} already holds {what}; importing {path} there would leave its calibration "
+        "and scores describing those",
+        f"delete {run.path} to import {path} there, or pass another --run-dir")
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+
+
 def imported_from(run: Run) -> str | None:
     """The checkpoint file a run folder's weights were imported from (None: trained here)."""
     imported = load_checkpoint(run.checkpoint_path).get("imported")
@@ -113,6 +146,8 @@ def _mismatch_error(mismatch: WeightsMismatch, state: dict[str, Any], cfg: RunCo
     """The mismatch summarised, naming the format's model whose keys and shapes the checkpoint
     has (the usual cause: a wrong --model), found by building each candidate."""
     given = cfg.benchmark.model
+    if _head_only(mismatch):
+        return _head_error(mismatch, path)
     for name in models:
         if name == given:
             continue
@@ -127,3 +162,35 @@ def _mismatch_error(mismatch: WeightsMismatch, state: dict[str, Any], cfg: RunCo
             return mismatch.error(str(path), cause, f"pass --model {name}")
     return mismatch.error(str(path), hint=f"pass the checkpoint's model (one of {list(models)}) "
                           "and a benchmark with its number of classes")
+
+
+def _head_only(mismatch: WeightsMismatch) -> bool:
+    """The backbone matches and the head has other parameters (not just other shapes)."""
+    keys = mismatch.missing + mismatch.unexpected + [k for k, _, _ in mismatch.shapes]
+    return bool(mismatch.missing or mismatch.unexpected) and all(
+        k.startswith("head.") for k in keys)
+
+
+def _head_error(mismatch: WeightsMismatch, path: Path) -> OodbenchError:
+    """A checkpoint whose backbone fits and whose head is not a linear classifier: a DisMax or
+    IsoMax+ prototype head, say. The loss is not an option of the import (imports are linear
+    heads), so the fix is another checkpoint, or no import at all for a run trained here."""
+    prototypes = any(k.endswith("prototypes") for k in mismatch.unexpected)
+    cause = ("its head is not a linear classifier: it has "
+             f"{', '.join(mismatch.unexpected) or 'other parameters'} where a linear head has "
+             f"{', '.join(mismatch.missing) or 'others'}"
+             + (" (a prototype head, as DisMax or IsoMax+ train)" if prototypes else ""))
+    hint = "only checkpoints with a linear head (trained with the SoftMax loss) can be imported"
+    if _oodbench_checkpoint(path):
+        folder = path.parent if (path.parent / "config.yaml").exists() else None
+        hint += ("; this is an oodbench run's checkpoint, which needs no import: score its run "
+                 "folder directly, `oodbench score " + (f"{folder}`" if folder else "RUN_DIR`"))
+    return mismatch.error(str(path), cause, hint)
+
+
+def _oodbench_checkpoint(path: Path) -> bool:
+    """`path` is a checkpoint oodbench wrote (a run's `checkpoint.pt`, or a copy of one)."""
+    try:
+        return checkpoint_problem(torch.load(path, map_location="cpu", weights_only=True)) is None
+    except Exception:
+        return False

@@ -4,9 +4,11 @@ by index, augments it with batched tensor ops and normalises it, so no per-sampl
 Resumable and reproducible: the epoch's shuffle comes from a generator seeded by (seed, epoch),
 and every step reseeds the global RNG from (seed, epoch, step) before its augmentation and loss
 preprocessing. A checkpoint (every epoch, every `checkpoint_seconds` mid-epoch, and on Ctrl-C or
-SIGTERM) holds weights, optimizer state and the position; resuming replays the same random
-numbers, so a resumed CPU run ends with the same weights as an uninterrupted one. The learning
-rate is a pure function of the global step, so there is no scheduler state to restore.
+SIGTERM) holds weights, optimizer state, BatchNorm statistics and the position, all at a step
+boundary (an interrupt mid-step restores the buffers the step's forward changed; the update is
+not cut); resuming replays the same random numbers, so a resumed CPU run ends with the same
+weights and buffers as an uninterrupted one. The learning rate is a pure function of the global
+step, so there is no scheduler state to restore.
 
 The loss is `criterion.training_loss(model.forward_all(x, aux=criterion.aux), targets)` (see
 oodbench.losses.base), so losses that need more than the logits plug in without trainer changes.
@@ -160,8 +162,42 @@ def _signals(handlers: dict[signal.Signals, Any]) -> Iterator[None]:
             signal.signal(sig, h)
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
+class _StepBoundary:
+    """Keeps the checkpoint saved on Ctrl-C or SIGTERM at a step boundary. A step's forward
+    updates the BatchNorm running statistics before its optimiser update, so an interrupt in
+    its first part restores the module buffers snapshotted at its start (`Trainer.train_step`);
+    its commit (the update, the position, the running sums: no collectives) is `deferred`, the
+    signal taking effect right after it. `handlers()` installs the signal handlers for this:
+    SIGTERM always, SIGINT unless something other than Python's default handler owns it (a
+    background job's ignored SIGINT stays ignored)."""
+
+    def __init__(self) -> None:
+        self.deferring = False
+        self.pending: KeyboardInterrupt | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        stop = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if not self.deferring:
+            raise stop
+        self.pending = self.pending or stop
+
+    def handlers(self) -> contextlib.AbstractContextManager[None]:
+        sigs = {signal.SIGTERM: self._handle}
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            sigs[signal.SIGINT] = self._handle
+        return _signals(sigs)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A block a Ctrl-C or SIGTERM does not cut: the signal is raised after it."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending is not None:
+            stop, self.pending = self.pending, None
+            raise stop
 
 
 def _stop_signals_ignored() -> contextlib.AbstractContextManager[None]:
@@ -249,6 +285,7 @@ class _Trainer:
         self.epoch, self.step, self.history = 0, 0, []
         self.partial: dict[str, Any] = {"loss_sum": 0.0, "correct": 0.0, "seen": 0}
         self.forward: torch.nn.Module = _ForwardAll(self.model)
+        self.boundary = _StepBoundary()
 
     def resume(self) -> bool:
         """Load the checkpoint's position; True when the run is already finished."""
@@ -274,14 +311,37 @@ class _Trainer:
                                                   self.step, self.history, finished,
                                                   self.partial, self.scaler))
 
-    def train_step(self, perm: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor, int]:
-        """One optimiser step on this rank's slice of the step's batch; returns (loss, output,
-        targets, in-distribution rows of the slice)."""
-        t = self.t
+    def train_step(self, perm: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on this rank's slice of the step's batch; adds the step's sums
+        (see `step_sums`) to `sums` and returns them. An interrupt before the update leaves the
+        model's buffers as they were before the step (`_StepBoundary`)."""
         x, targets, rows, share = self.next_batch(perm)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(t, self.epoch * self.steps_per_epoch + self.step,
+            group["lr"] = learning_rate(self.t, self.epoch * self.steps_per_epoch + self.step,
                                         self.steps_per_epoch)
+        buffers = list(self.model.buffers())
+        before = [b.clone() for b in buffers]  # BatchNorm statistics: small
+        try:
+            step = self.forward_backward(x, targets, rows, share)
+        except KeyboardInterrupt:
+            with torch.no_grad():
+                for b, saved in zip(buffers, before, strict=True):
+                    b.copy_(saved)
+            raise
+        with self.boundary.deferred():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            sums += step
+            loss_sum, correct, seen, counted = sums.tolist()
+            self.partial = {"loss_sum": loss_sum, "correct": correct,
+                            "seen": int(seen), "counted": int(counted)}
+        return step
+
+    def forward_backward(self, x: torch.Tensor, targets: torch.Tensor, rows: int,
+                         share: float) -> torch.Tensor:
+        """The step's loss and gradients (unscaled and clipped where the loss asks); returns
+        the step's sums."""
         with (torch.autocast(self.device.type, dtype=self.amp_dtype)
               if self.amp_dtype is not None else contextlib.nullcontext()):
             out = self.forward(x, self.criterion.aux)
@@ -291,10 +351,7 @@ class _Trainer:
         if self.criterion.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.criterion.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.step += 1
-        return loss, out, targets, rows
+        return self.step_sums(loss, out, targets, rows)
 
     def next_batch(self, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
         """This step's input on the device (this rank's slice of the batch `perm` gives it,
@@ -354,15 +411,11 @@ class _Trainer:
                              p.get("counted", p["seen"])], dtype=torch.float64, device=self.device)
         seen_now, tic = 0, time.perf_counter()  # images this call, for the speed
         while self.step < self.steps_per_epoch:
-            step = self.step_sums(*self.train_step(perm))
-            sums += step
-            loss_sum, correct, seen, counted = sums.tolist()
+            step = self.train_step(perm, sums)
             step_loss, rows = step[:3:2].tolist()
             seen_now += int(rows)
-            reporter.step(step_loss / rows, correct / max(counted, 1),
-                          seen_now / max(time.perf_counter() - tic, 1e-9))
-            self.partial = {"loss_sum": loss_sum, "correct": correct,
-                            "seen": int(seen), "counted": int(counted)}
+            reporter.step(step_loss / rows, self.partial["correct"] / max(
+                self.partial["counted"], 1), seen_now / max(time.perf_counter() - tic, 1e-9))
             after_step()
         speed = seen_now / max(time.perf_counter() - tic, 1e-9)  # training only, not validation
         broadcast_buffers(self.model)  # rank 0's statistics: the ones the checkpoint holds
@@ -377,9 +430,10 @@ def _epochs(tr: _Trainer, reporter: StepReporter, after_step: Callable[[], None]
     """The remaining epochs, each ending with a checkpoint."""
     while tr.epoch < tr.t.epochs:
         stats = tr.run_epoch(reporter, after_step)
-        tr.history.append(stats.__dict__)
-        tr.epoch, tr.step = tr.epoch + 1, 0
-        tr.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "counted": 0}
+        with tr.boundary.deferred():  # an interrupt saves the epoch whole or not at all
+            tr.history.append(stats.__dict__)
+            tr.epoch, tr.step = tr.epoch + 1, 0
+            tr.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "counted": 0}
         tr.save(finished=tr.epoch >= tr.t.epochs)
         calls["saved"] = time.monotonic()
         reporter.epoch_end(stats)
@@ -417,7 +471,7 @@ def train(run: Run, ctx: DataContext, device: torch.device,
             calls["saved"] = time.monotonic()
 
     try:
-        with _signals({signal.SIGTERM: _terminate}):  # SIGTERM saves, as Ctrl-C does
+        with tr.boundary.handlers():  # SIGTERM saves, as Ctrl-C does
             _epochs(tr, reporter, after_step, calls)
     except KeyboardInterrupt:
         with _stop_signals_ignored():

@@ -195,3 +195,69 @@ def test_a_file_of_no_known_format_names_the_formats(tmp_path: Path):
                "--benchmark", "digits", "--run-dir", tmp_path / "run")
     assert r.exit_code == 2
     assert "akamaster" in r.output and "state-dict" in r.output
+
+
+def test_a_non_torch_file_is_named_as_such(tmp_path: Path):
+    (tmp_path / "bad.th").write_text("hello world\n")
+    r = invoke("import-checkpoint", tmp_path / "bad.th", "--model", "smallcnn8", "--benchmark",
+               "digits", "--run-dir", tmp_path / "run")
+    assert r.exit_code == 2
+    text = " ".join(r.output.split())
+    assert "is not a PyTorch checkpoint" in text and "written by torch.save" in text
+    assert "akamaster" in text and "state-dict" in text and not (tmp_path / "run").exists()
+
+
+def test_reimporting_other_weights_into_a_run_folder_is_refused(tmp_path: Path):
+    """The default folder of a model and benchmark holds one import: other weights there
+    would sit beside the old ones' calibration and scores, so report would show stale numbers.
+    The same file again is a no-op."""
+    torch.save(smallcnn8_state(0), tmp_path / "a.pt")
+    torch.save(smallcnn8_state(1), tmp_path / "b.pt")
+    args = ("--model", "smallcnn8", "--benchmark", "digits")
+    assert invoke("import-checkpoint", tmp_path / "a.pt", *args).exit_code == 0
+    run = tmp_path / "runs" / "digits" / "smallcnn8-state-dict"
+    r = invoke("score", run, "--detector", "msp")
+    assert r.exit_code == 0, r.output
+    held = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+    r = invoke("import-checkpoint", tmp_path / "b.pt", *args)
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert "already holds other weights" in text and "a.pt" in text
+    assert "fix: delete" in text and "--run-dir" in text
+    now = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(now[k], v) for k, v in held.items())
+
+    assert invoke("import-checkpoint", tmp_path / "a.pt", *args).exit_code == 0  # idempotent
+    from oodbench.checkpoint_import import imported_from
+    from oodbench.runs import Run
+    assert imported_from(Run.open(run)) == str((tmp_path / "a.pt").resolve())
+
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    del ckpt["imported"]  # as a run trained here
+    torch.save(ckpt, run / "checkpoint.pt")
+    r = invoke("import-checkpoint", tmp_path / "a.pt", *args)
+    assert r.exit_code == 2 and "already holds a run trained here" in " ".join(r.output.split())
+
+
+def test_a_dismax_run_checkpoint_names_the_head_not_the_model(tmp_path: Path):
+    """An oodbench run trained with DisMax: the backbone fits, the head has prototypes. The fix
+    is not --model (it is right) nor a loss option (import has none)."""
+    from oodbench.config import RunConfig, load_benchmark
+    from oodbench.experiment import build_model
+    from oodbench.runs import Run
+
+    cfg = RunConfig(load_benchmark("digits"), "dismax", 0, {})
+    run = Run.create(tmp_path / "dismax-run", cfg)
+    torch.save({"model": build_model(cfg).state_dict(), "optimizer": {}, "epoch": 1, "step": 0,
+                "history": [], "finished": True}, run.checkpoint_path)
+    r = invoke("import-checkpoint", run.checkpoint_path, "--model", "smallcnn8", "--benchmark",
+               "digits", "--run-dir", tmp_path / "run")
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert "head is not a linear classifier" in text and "head.prototypes" in text
+    assert "only checkpoints with a linear head (trained with the SoftMax loss)" in text
+    assert "needs no import" in text and "oodbench score" in text
+    assert str(run.path).replace("/", "") in text.replace("/", "").replace(" ", "")
+    assert "pass --model" not in text and "another model or loss" not in text
+    assert not (tmp_path / "run").exists()

@@ -125,8 +125,7 @@ def read_foreign_checkpoint(path: Path) -> tuple[str, dict[str, torch.Tensor], d
     except FileNotFoundError:
         raise OodbenchError(f"checkpoint {path} does not exist", "give an existing file") from None
     except Exception as e:
-        raise OodbenchError(f"cannot read checkpoint {path}: {e}",
-                            "give a torch.save checkpoint of a known format") from None
+        raise _unreadable(path, e) from None
     if not isinstance(raw, dict):
         raw = {}
     for name, fmt in CHECKPOINT_FORMATS.items():
@@ -137,3 +136,36 @@ def read_foreign_checkpoint(path: Path) -> tuple[str, dict[str, torch.Tensor], d
             return name, fmt.convert(raw), meta
     raise OodbenchError(f"{path} is not a checkpoint of a known format",
                         f"known formats: {', '.join(CHECKPOINT_FORMATS.names())}")
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive (PyTorch 1.6 on)
+PICKLE_MAGIC = b"\x80"  # a pickle's protocol opcode: torch.save's legacy format
+
+
+def accepted_formats() -> str:
+    return "; ".join(f"{name}: {fmt.summary}" for name, fmt in CHECKPOINT_FORMATS.items())
+
+
+def _unreadable(path: Path, error: Exception) -> OodbenchError:
+    """Why `torch.load` failed on `path`, in words: not a PyTorch file at all, one holding
+    objects a weights-only load refuses, or a damaged one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(ZIP_MAGIC))
+    except OSError as e:
+        return OodbenchError(f"cannot read checkpoint {path}: {e}", "give a readable file")
+    formats = f"a file written by torch.save holding one of: {accepted_formats()}"
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        return OodbenchError(f"{path} is not a PyTorch checkpoint (neither the zip archive nor "
+                             "the legacy pickle that torch.save writes)", f"give {formats}")
+    text = str(error).strip()
+    first = text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+    if "weights only" in first.lower():
+        return OodbenchError(
+            f"{path} holds Python objects other than tensors, numbers, strings and plain "
+            "containers, which are not unpickled here (loading them can run arbitrary code)",
+            "load it in Python yourself and save the weights alone: "
+            "torch.save(model.state_dict(), NEW.pt), then import NEW.pt")
+    return OodbenchError(f"{path} looks like a PyTorch checkpoint but cannot be read, damaged or "
+                         f"truncated (torch.load: {first})",
+                         f"copy the file again, or give {formats}")
