@@ -112,7 +112,8 @@ def shift_tables(g: dict[str, Any]) -> list[TableModel]:
 def classification_table(g: dict[str, Any]) -> TableModel:
     t = TableModel(f"{_group_title(g)} · classification (%; NLL in nats; T = temperature)",
                    ["loss", "accuracy", "ECE", "NLL", "ECE calibrated", "NLL calibrated", "T"],
-                   caption=f"mean ± std over {_seeds_caption(g, rows=False)}")
+                   caption=f"mean ± std over {_seeds_caption(g, rows=False)}"
+                           + _fewer_classification_seeds(g))
     for loss, c in g["classification"].items():
         unc, cal = c.get("uncalibrated", {}), c.get("calibrated", {})
         t.add([loss, fmt(unc.get("accuracy")), fmt(unc.get("ece")),
@@ -120,6 +121,28 @@ def classification_table(g: dict[str, Any]) -> TableModel:
                fmt(cal.get("nll"), percent=False, digits=3),
                fmt(c.get("temperature"), percent=False, digits=2)])
     return t
+
+
+def _fewer_classification_seeds(g: dict[str, Any]) -> str:
+    """The classification columns a loss has over fewer seeds than the loss has (the calibrated
+    ones when only some seeds were scored with a calibration): the caption's seed count would
+    be false for them."""
+    notes = []
+    for loss, c in g["classification"].items():
+        n = len(c.get("seeds", g["seeds"]))
+        cells = {"accuracy": ("uncalibrated", "accuracy"), "ECE": ("uncalibrated", "ece"),
+                 "NLL": ("uncalibrated", "nll"), "ECE calibrated": ("calibrated", "ece"),
+                 "NLL calibrated": ("calibrated", "nll")}
+        counts = {name: c.get(state, {}).get(k, {}).get("n", n) for name, (state, k)
+                  in cells.items()}
+        counts["T"] = c.get("temperature", {}).get("n", n)
+        by_count: dict[int, list[str]] = {}
+        for name, m in counts.items():
+            if m < n:
+                by_count.setdefault(m, []).append(name)
+        notes += [f"{loss}: {', '.join(names)} over {m} of its {n} seeds"
+                  for m, names in sorted(by_count.items())]
+    return "".join(f"; {note}" for note in notes)
 
 
 def _seeds_text(seeds: list[int]) -> str:
@@ -244,6 +267,9 @@ def selective_tables(g: dict[str, Any], metrics: tuple[str, ...]) -> list[TableM
                              ("calibrated", "MSP baseline (calibrated T)")):
             ms = c.get("selective_msp", {}).get(state)
             if ms:
+                # the calibrated baseline exists only for the seeds scored with a calibration
+                n, have = len(c.get("seeds", g["seeds"])), max(v["n"] for v in ms.values())
+                label = label if have >= n else f"{label[:-1]}; {have} of {n} seeds)"
                 values.append([ms.get(m) for m in metrics])
                 t.add([loss, label, *[fmt(v) for v in values[-1]]])
     _add_selective_rows(t, values, g["rows"], metrics,
@@ -324,6 +350,38 @@ def _delta_text(v: dict[str, Any]) -> str:
     return text
 
 
+def _compared_seeds(g: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Per side, the seeds of the rows shown: one count when every row has the same seeds,
+    else each seed set with the losses (or, where a loss's rows differ, rows) that have it."""
+    if not rows or not all("seeds" in r for r in rows):  # older comparison.json: the group's
+        seeds = g.get("seeds")
+        return f"A: {_seeds_text(seeds['a'])}, B: {_seeds_text(seeds['b'])}" if seeds else ""
+    parts, several = [], False
+    for side in ("a", "b"):
+        by_loss: dict[str, set[tuple[int, ...]]] = {}
+        for r in rows:
+            by_loss.setdefault(r["loss"], set()).add(tuple(r["seeds"][side]))
+        names: dict[tuple[int, ...], list[str]] = {}
+        for r in rows:
+            name = r["loss"] if len(by_loss[r["loss"]]) == 1 else f"{r['loss']} {r['detector']}"
+            if name not in names.setdefault(tuple(r["seeds"][side]), []):
+                names[tuple(r["seeds"][side])].append(name)
+        text = ", ".join(_seeds_text(list(k)) + (f" ({', '.join(v)})" if len(names) > 1 else "")
+                         for k, v in names.items())
+        parts.append(f"{side.upper()}: {text}")
+        several = several or len(names) > 1
+    return ("; " if several else ", ").join(parts)
+
+
+def _unpaired_caption(cmp: dict[str, Any], g: dict[str, Any]) -> str:
+    """The rows left out because the other side has no row of that name."""
+    unpaired = g.get("unpaired") or {}
+    if not unpaired:
+        return ""
+    return "; not compared (no row of that name on the other side): " + "; ".join(
+        f"only {cmp[side]['label']} has {', '.join(names)}" for side, names in unpaired.items())
+
+
 def comparison_tables(cmp: dict[str, Any], metrics: tuple[str, ...],
                       selective: tuple[str, ...] = ()) -> list[TableModel]:
     """Per group and OOD metric: 'a → b (Δ)' in points; improvements emphasised; with
@@ -334,9 +392,7 @@ def comparison_tables(cmp: dict[str, Any], metrics: tuple[str, ...],
     sel = tuple(dict.fromkeys([*selective, *[m for m in metrics if m in SELECTIVE_METRICS]]))
     for g in cmp["groups"]:
         cols = g["columns"]
-        seeds = g.get("seeds")
-        seed_text = (f"A: {_seeds_text(seeds['a'])}, B: {_seeds_text(seeds['b'])}"
-                     if seeds else "")
+        seed_text = _compared_seeds(g, g["rows"]) + _unpaired_caption(cmp, g)
         for m in metrics:
             if m not in OOD_METRICS:
                 continue
@@ -366,8 +422,9 @@ def comparison_tables(cmp: dict[str, Any], metrics: tuple[str, ...],
         if sel and rows:
             t = TableModel(f"{_group_title(g)} · selective classification, in-distribution: "
                            f"{cmp['a']['label']} → {cmp['b']['label']} (%; Δ in points)",
-                           ["loss", "detector", *[NAMES[m] for m in sel]], caption=seed_text,
-                           right_from=2)
+                           ["loss", "detector", *[NAMES[m] for m in sel]],
+                           caption=(_compared_seeds(g, rows) + _unpaired_caption(cmp, g))
+                           .lstrip("; "), right_from=2)
             for r in rows:
                 cells, emph = [], []
                 for m in sel:
@@ -405,10 +462,11 @@ def to_rich(tables: list[TableModel]) -> list[Any]:
 
     out = []
     for t in tables:
-        table = Table(title=t.title, caption=t.caption or None)
+        # titles and captions name rows ("msp [calibrated]") too: text, not rich markup
+        table = Table(title=escape(t.title), caption=escape(t.caption) if t.caption else None)
         for i, h in enumerate(t.headers):
             # a narrow terminal wraps a long name ("tinyimagenet-resize") instead of cutting it
-            table.add_column(h, justify="right" if i >= t.right_from else "left",
+            table.add_column(escape(h), justify="right" if i >= t.right_from else "left",
                              overflow="fold")
         for cells, emph in zip(t.rows, t.emphasis, strict=True):
             # names such as "msp [calibrated]" are text, not rich markup

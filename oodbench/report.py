@@ -149,6 +149,9 @@ def find_metrics(paths: list[Path]) -> list[Path]:
             candidates = [p]
         elif p.is_dir():
             candidates = sorted(p.rglob("metrics.json"))
+        elif p.exists():
+            raise OodbenchError(f"{p} is not a metrics file (a run's metrics.json)",
+                                "pass a run folder, a folder of runs or a run's metrics.json")
         else:
             raise OodbenchError(f"{p} does not exist", "give a run folder or a folder of runs")
         for f in candidates:
@@ -347,6 +350,7 @@ def build_report(runs: list[LoadedMetrics], filters: Filters | None = None,
     best (`ties`; a paired bootstrap of that many replicates, see `paired_difference`).
     `group_by`: see `grouped_runs`."""
     filters = filters or Filters()
+    _check_ood_names(runs, filters)
     by_group = grouped_runs(runs, filters, group_by)
     if not by_group:
         raise OodbenchError("no run matches the --loss filter",
@@ -359,11 +363,14 @@ def build_report(runs: list[LoadedMetrics], filters: Filters | None = None,
             raise OodbenchError("no run has the selective-classification metrics asked for "
                                 f"({', '.join(filters.metrics)})",
                                 "score the runs again with this version (`oodbench score RUN`)")
+        detectors = sorted({d for r in runs for d in r.data["detectors"]})
         raise OodbenchError("no detector / OOD set matches the filters",
-                            "check --detector and --ood against the runs' names")
+                            "check --detector and --ood against the runs' names (detectors "
+                            f"present: {', '.join(detectors)})")
     boot = {"replicates": bootstrap, "seed": bootstrap_seed, "level": 0.95,
             "method": "percentile; in-dist and OOD resampled independently"} if bootstrap else None
-    warnings = [w for g in groups for w in seed_warnings(g)]
+    warnings = [*staleness_warnings([r for g in by_group.values() for r in g]),
+                *(w for g in groups for w in seed_warnings(g))]
     rep = Report(groups, filters, report_manifest([(r.path, r.data) for r in runs]), boot,
                  None, warnings, row_runs)
     if significance:
@@ -374,6 +381,59 @@ def build_report(runs: list[LoadedMetrics], filters: Filters | None = None,
             for g in groups:
                 g["ties"] = _ties(g, row_runs, significance, bootstrap_seed, warnings)
     return rep
+
+
+def _check_ood_names(runs: list[LoadedMetrics], filters: Filters) -> None:
+    """An --ood name no run has is a typo, not a filter: without this check it would leave
+    empty tables (or, beside valid names, means over fewer sets than asked for)."""
+    present = list(dict.fromkeys(o for r in runs for o in r.data["ood_sets"]))
+    unknown = [o for o in filters.ood or () if o not in present]
+    if unknown:
+        raise OodbenchError(f"no run has the OOD set{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(map(repr, unknown))} (--ood)",
+                            f"use OOD sets present: {', '.join(present)}")
+
+
+def staleness_warnings(runs: list[LoadedMetrics]) -> list[str]:
+    """A warning per run whose metrics.json no longer matches its calibration.json (see
+    `_stale`). Only the two JSON files are read, no checkpoint."""
+    out = []
+    for r in runs:
+        path = r.run_dir / "calibration.json"
+        try:
+            current = read_json(path) if path.is_file() else None
+        except (OSError, ValueError):
+            current = None
+        why = _stale(r.data, current) if isinstance(current, dict) else None
+        if why:
+            fix = (f"`oodbench calibrate {r.run_dir}`, then `oodbench score {r.run_dir}`"
+                   if why[1] else f"`oodbench score {r.run_dir}` again")
+            out.append(f"{r.path} is out of date: {why[0]}; run {fix}")
+    return out
+
+
+def _stale(m: dict[str, Any], current: dict[str, Any]) -> tuple[str, bool] | None:
+    """Why metrics `m` disagree with the run's calibration.json `current` (None if they do
+    not): other weights (the checkpoint changed after one was written), no calibration at
+    scoring though it is for the same weights (calibrated after scoring), or another
+    temperature (calibrated again after scoring). With the reason: whether calibrating
+    again is part of the fix."""
+    weights, fitted_on = m.get("weights"), current.get("weights")
+    if weights and fitted_on and fitted_on != weights:
+        return ("its calibration.json was fitted on other weights than the ones it was scored "
+                "on (the checkpoint changed after one of the two was written)", True)
+    used = m.get("calibration")
+    if used is None:
+        return ("it was scored before its calibration.json was written (the report has no "
+                "calibrated figures for it)", False) if weights and fitted_on == weights else None
+    t_used, t_now = used.get("temperature"), current.get("temperature")
+    if not all(isinstance(t, int | float) for t in (t_used, t_now)) or t_used == t_now:
+        return None
+    shown = next(f"{t_used:.{d}g} / {t_now:.{d}g}" for d in (3, 6, 17)
+                 if f"{t_used:.{d}g}" != f"{t_now:.{d}g}" or d == 17)
+    used_text, now_text = shown.split(" / ")
+    return (f"it was scored with the fitted temperature {used_text} (calibrated figures, "
+            f"--calibrated detectors); its calibration.json now holds {now_text}", False)
 
 
 def seed_warnings(g: dict[str, Any]) -> list[str]:
@@ -924,7 +984,8 @@ def columns(group: dict[str, Any]) -> list[str]:
 
 def _compared_row(ra: dict[str, Any], rb: dict[str, Any], cells: dict[str, Any],
                   selective: tuple[str, ...]) -> dict[str, Any]:
-    row = {"loss": ra["loss"], "detector": ra["detector"], "columns": cells}
+    row = {"loss": ra["loss"], "detector": ra["detector"], "columns": cells,
+           "seeds": {"a": ra["seeds"], "b": rb["seeds"]}}
     sa = (ra.get("selective") or {}).get("in_distribution", {})
     sb = (rb.get("selective") or {}).get("in_distribution", {})
     sel = {k: _delta(sa[k], sb[k]) for k in selective if k in sa and k in sb}
@@ -945,10 +1006,11 @@ def _compared_classification(ga: dict[str, Any], gb: dict[str, Any]) -> dict[str
 
 
 def _compared_group(a: Report, b: Report, ga: dict[str, Any], gb: dict[str, Any],
-                    test: tuple[int, int], scores: _Scores, warnings: list[str]
-                    ) -> dict[str, Any]:
+                    test: tuple[int, int], scores: _Scores, warnings: list[str],
+                    labels: dict[str, str]) -> dict[str, Any]:
     """One group of a comparison: per shared row and column, A, B and B − A; with `test` =
-    (replicates, seed), replicates > 0, the AUROC cells' paired test."""
+    (replicates, seed), replicates > 0, the AUROC cells' paired test. The rows one side lacks
+    are named (`unpaired`, and a warning using `labels`: side → its label)."""
     significance, seed = test
     keys = (_group_key(ga), _group_key(gb))
     b_rows = {(r["loss"], r["detector"]): r for r in gb["rows"]}
@@ -976,11 +1038,33 @@ def _compared_group(a: Report, b: Report, ga: dict[str, Any], gb: dict[str, Any]
                  f"{_few(cells)}" for why, cells in problems.items()]
     benchmark = (ga["benchmark"] if ga["benchmark"] == gb["benchmark"]
                  else f"{ga['benchmark']} → {gb['benchmark']}")
-    return {"benchmark": benchmark, "in_distribution": ga["in_distribution"],
-            "model": ga["model"],
-            "ood_sets": {o: g for o, g in ga["ood_sets"].items() if o in cols},
-            "columns": cols, "seeds": {"a": ga["seeds"], "b": gb["seeds"]},
-            "classification": _compared_classification(ga, gb), "rows": rows}
+    out = {"benchmark": benchmark, "in_distribution": ga["in_distribution"],
+           "model": ga["model"],
+           "ood_sets": {o: g for o, g in ga["ood_sets"].items() if o in cols},
+           "columns": cols, "seeds": {side: sorted({s for r in rows for s in r["seeds"][side]})
+                                      for side in ("a", "b")},
+           "classification": _compared_classification(ga, gb), "rows": rows}
+    unpaired = _unpaired_rows(ga, gb)
+    if unpaired:
+        out["unpaired"] = unpaired
+        warnings.append(f"{_where(ga)}: rows not compared, the other side has no row of that "
+                        f"name: {_unpaired_text(unpaired, labels)}")
+    return out
+
+
+def _unpaired_rows(ga: dict[str, Any], gb: dict[str, Any]) -> dict[str, list[str]]:
+    """The rows (`loss detector`) one side has and the other lacks, per side: a row is
+    paired by name, variant label included (`msp [calibrated]` pairs only with its like)."""
+    names = {side: [f"{r['loss']} {r['detector']}" for r in g["rows"]]
+             for side, g in (("a", ga), ("b", gb))}
+    out = {side: [n for n in names[side] if n not in names[other]]
+           for side, other in (("a", "b"), ("b", "a"))}
+    return {side: v for side, v in out.items() if v}
+
+
+def _unpaired_text(unpaired: dict[str, list[str]], labels: dict[str, str]) -> str:
+    return "; ".join(f"only {labels[side]} has {', '.join(names)}"
+                     for side, names in unpaired.items())
 
 
 GroupKey = tuple[str, str, str]
@@ -1020,8 +1104,14 @@ def compare(a: Report, b: Report, label_a: str, label_b: str, significance: int 
     test samples; see `paired_difference`) and says whether it is significant."""
     warnings = [*a.warnings, *b.warnings]
     scores = _Scores()
-    groups = [_compared_group(a, b, ga, gb, (significance, seed), scores, warnings)
-              for ga, gb in matched_groups(a.groups, b.groups)]
+    labels = {"a": label_a, "b": label_b}
+    matched = matched_groups(a.groups, b.groups)
+    groups = [_compared_group(a, b, ga, gb, (significance, seed), scores, warnings, labels)
+              for ga, gb in matched]
+    for side, rep in (("a", a), ("b", b)):
+        paired = {id(pair[side == "b"]) for pair in matched}
+        warnings += [f"{_where(g)}: not compared, only {labels[side]} has this group"
+                     for g in rep.groups if id(g) not in paired]
     if not any(g["rows"] for g in groups):
         raise _nothing_shared(a, b, label_a, label_b)
     return {"schema": COMPARISON_SCHEMA, "units": UNITS, "delta": "b − a",

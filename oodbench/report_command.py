@@ -67,17 +67,26 @@ def _pairs(specs: list[str] | None) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def run_report(paths: list[Path], o: ReportOptions) -> int:
-    """Print and write the report; returns the exit code (1 when a gate fails)."""
-    from oodbench.console import console, out
-
-    print_format = OUTPUT_FORMATS.get(o.fmt)  # an unknown --format fails before any work
+def _check_options(o: ReportOptions) -> None:
+    """Options that are wrong whatever the runs: fail before any work."""
     if o.style not in STYLES:
         raise OodbenchError(f"unknown style {o.style!r}", f"use one of: {', '.join(STYLES)}")
     if o.bootstrap < 0:
         raise OodbenchError("--bootstrap must be >= 0", "e.g. --bootstrap 1000")
     if o.significance < 0:
         raise OodbenchError("--significance must be >= 0", "e.g. --significance 1000")
+    if o.write and o.output is not None and o.output.exists() and not o.output.is_dir():
+        raise OodbenchError(f"--output {o.output} is a file, not a folder",
+                            "pass a folder (created if missing) for the report files, or "
+                            "--no-write to write none")
+
+
+def run_report(paths: list[Path], o: ReportOptions) -> int:
+    """Print and write the report; returns the exit code (1 when a gate fails)."""
+    from oodbench.console import console, out
+
+    print_format = OUTPUT_FORMATS.get(o.fmt)  # an unknown --format fails before any work
+    _check_options(o)
     gates = ([parse_gate(g, under=True) for g in o.fail_under]
              + [parse_gate(g, under=False) for g in o.fail_over])
     filters = o.filters()
