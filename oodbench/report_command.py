@@ -79,6 +79,9 @@ def _check_options(o: ReportOptions) -> None:
         raise OodbenchError(f"--output {o.output} is a file, not a folder",
                             "pass a folder (created if missing) for the report files, or "
                             "--no-write to write none")
+    if o.plots is not None and o.plots.exists() and not o.plots.is_dir():
+        raise OodbenchError(f"--plots {o.plots} is a file, not a folder",
+                            "pass a folder (created if missing) for the PNG files")
 
 
 def run_report(paths: list[Path], o: ReportOptions) -> int:

@@ -140,6 +140,9 @@ def test_output_that_is_a_file_is_an_error(tmp_path: Path):
     assert res.exit_code == 2
     assert "is a file, not a folder" in " ".join(res.output.split())
     assert afile.read_text() == ""
+    res = invoke(run, "--no-write", "--plots", afile)
+    assert res.exit_code == 2
+    assert "--plots" in res.output and "is a file, not a folder" in " ".join(res.output.split())
 
 
 def stale_warnings(run: Path) -> list[str]:
