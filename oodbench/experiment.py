@@ -142,8 +142,10 @@ def load_shifted(cfg: RunConfig, corruption: str, severity: int, ctx: DataContex
 def load_outliers(cfg: RunConfig, ctx: DataContext) -> ImageSet:
     """The benchmark's auxiliary outlier set (Outlier Exposure, energy-ft), as uint8 images of
     the model's input shape (adapted once here when `adapt: true`, so training treats them like
-    the training set), after checking that it shares no image with any OOD test set or the
-    in-distribution test split: training on a test image would inflate every score."""
+    the training set), after checking that it shares no image with any OOD test set or any
+    in-distribution split: training on a test image would inflate every score, on a validation
+    image bias calibration and selection, and on a training image teach it both its class and
+    the uniform outlier target."""
     o = cfg.benchmark.outliers
     if o is None:
         raise OodbenchError(
@@ -154,8 +156,8 @@ def load_outliers(cfg: RunConfig, ctx: DataContext) -> ImageSet:
     data, transform = load_ood(cfg, OODSet(o.dataset, name="outliers", split=o.split,
                                            adapt=o.adapt), ctx)
     tests = [(f"OOD test set {t.name!r}", load_ood(cfg, t, ctx)[0]) for t in cfg.benchmark.ood]
-    tests.append((f"in-distribution test split ({cfg.benchmark.dataset})",
-                  load_in_distribution(cfg, "test", ctx)))
+    tests += [(f"in-distribution {split} split ({cfg.benchmark.dataset})",
+               load_in_distribution(cfg, split, ctx)) for split in ("test", "val", "train")]
     check_outliers_disjoint(f"{o.dataset} ({o.split})", data, tests)
     images = data.images
     if transform.size is not None or transform.channels is not None:
@@ -174,9 +176,11 @@ def check_outliers_disjoint(label: str, outliers: ImageSet,
         if shared:
             raise OodbenchError(
                 f"auxiliary outlier set {label} shares {shared} image(s) with the {name} "
-                "(compared by content); training on them would leak test data",
-                "name an outlier set disjoint from every test set in the benchmark's "
-                "`outliers:` (another dataset or split, e.g. `outliers: {dataset: blobs}`)")
+                "(compared by content); training on them as outliers would leak or contradict "
+                "that set",
+                "name an outlier set disjoint from the in-distribution data and every test "
+                "set in the benchmark's `outliers:` (another dataset or split, e.g. "
+                "`outliers: {dataset: blobs}`)")
 
 
 def in_distribution_holdout(cfg: RunConfig, ctx: DataContext) -> list[tuple[str, set[bytes]]]:

@@ -163,6 +163,7 @@ def test_blobs_are_shaped_like_the_model_and_splits_differ() -> None:
     ({"dataset": "gaussian", "split": "test"}, "OOD test set 'gaussian'"),
     ({"dataset": "patches", "split": "test"}, "OOD test set 'patches'"),
     ({"dataset": "digits", "split": "test"}, "in-distribution test split"),
+    ({"dataset": "digits", "split": "train"}, "in-distribution train split"),
 ])
 def test_outliers_overlapping_a_test_set_are_refused(outliers, clash) -> None:
     bench = BenchmarkConfig.from_dict({**load_benchmark("digits").to_dict(),
