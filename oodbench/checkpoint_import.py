@@ -27,6 +27,7 @@ from oodbench.experiment import (
     in_distribution_info,
     load_checked_benchmark,
 )
+from oodbench.io import read_json
 from oodbench.models import MODELS
 from oodbench.models.pretrained import CHECKPOINT_FORMATS, read_foreign_checkpoint
 from oodbench.runs import (
@@ -133,11 +134,25 @@ def imported_from(run: Run) -> str | None:
     return imported.get("path") if isinstance(imported, dict) else None
 
 
+def imported_sha256(run: Run) -> str | None:
+    """The sha256 of the file a run folder's weights were imported from, as its manifest
+    records it (None: trained here, or no record)."""
+    try:
+        imported = read_json(run.path / "manifest.json").get("imported")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return imported.get("sha256") if isinstance(imported, dict) else None
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def write_import_manifest(run: Run, path: Path, imported: dict[str, Any]) -> None:
     """The run's manifest.json, written as `train` writes one, with where the weights came from
     (file, format, the file's sha256), so a published record says which checkpoint its numbers
     belong to. The weights are loaded on the CPU."""
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    sha = file_sha256(path)
     write_manifest(run, torch.device("cpu"), {}, [], imported={**imported, "sha256": sha})
 
 

@@ -692,7 +692,7 @@ def run(
 
     req = BenchmarkRequest(benchmark, loss, seeds, epochs, runs_root, compile_model, rescore)
     if dry_run:
-        _print_plan(req)
+        _print_plan(req, DataContext.resolve(data_root))
         return
     if jobs > 1:
         folder = _sweep(req, DataContext.resolve(data_root), str(pick_device(device)), jobs)
@@ -703,11 +703,11 @@ def run(
     run_report([folder], ReportOptions(table_metrics=("auroc", "fpr_at_tpr95")))
 
 
-def _print_plan(req: Any) -> None:
+def _print_plan(req: Any, ctx: Any) -> None:
     from oodbench.console import out
     from oodbench.workflow import plan_benchmark
 
-    plans = plan_benchmark(req)
+    plans = plan_benchmark(req, ctx)
     t = Table(title=f"oodbench run {req.benchmark} --dry-run (nothing was written)",
               caption=f"run folders under {plans[0].path.parent}" if plans else None)
     for c in ("run", "stands", "run would"):

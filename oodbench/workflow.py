@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
-from oodbench.checkpoint_import import import_checkpoint, imported_from, resolve_checkpoint
+from oodbench.checkpoint_import import (
+    file_sha256,
+    import_checkpoint,
+    imported_from,
+    imported_sha256,
+    resolve_checkpoint,
+)
 from oodbench.config import BenchmarkConfig, CheckpointEntry, RunConfig
 from oodbench.data import DataContext
 from oodbench.data.availability import require_benchmark_data
@@ -248,10 +254,10 @@ def imported_runs(req: BenchmarkRequest, bench: BenchmarkConfig, ctx: DataContex
         if not run.checkpoint_path.exists():
             say(f"importing {path} ({entry.model}) → {run.path}")
             run = import_checkpoint(path, entry.model, req.benchmark, run.path, entry.seed)[0]
-        elif imported_from(run) != str(path.resolve()):
+        elif imported_sha256(run) != file_sha256(path):  # by content: the data root may move
             raise OodbenchError(
                 f"{run.path} holds other weights than checkpoint {entry.name!r} "
-                f"({path}): {imported_from(run) or 'weights trained here'}",
+                f"({path}): {_held_source(run)}",
                 "move that folder away, or give the entry another `name:`")
         elif not _same_import(run, bench, entry):
             raise OodbenchError(
@@ -260,6 +266,12 @@ def imported_runs(req: BenchmarkRequest, bench: BenchmarkConfig, ctx: DataContex
                 "delete that folder to import and score it again")
         runs.append(run)
     return runs
+
+
+def _held_source(run: Run) -> str:
+    source = imported_from(run)
+    return (f"weights imported from {source} (a file with other contents)" if source else
+            "weights trained here")
 
 
 def _same_import(run: Run, bench: BenchmarkConfig, entry: CheckpointEntry) -> bool:
@@ -283,26 +295,35 @@ class RunPlan:
     holder: str | None = None  # another process holding the folder: `run` would skip it
 
 
-def plan_benchmark(req: BenchmarkRequest) -> list[RunPlan]:
+def plan_benchmark(req: BenchmarkRequest, ctx: DataContext | None = None) -> list[RunPlan]:
     """`oodbench run --dry-run`: each run's state and the steps `run` would take, judged as
-    `run` judges them (`pipeline.run_state`), writing nothing."""
+    `run` judges them (`pipeline.run_state`), writing nothing. `ctx`: where a benchmark's
+    `checkpoints:` are found (default: the usual data root)."""
     bench = load_checked_benchmark(req.benchmark)
     if bench.checkpoints:
         _refuse_training_options(req, bench)
+        ctx = ctx or DataContext.resolve()
         return [_plan_imported(f"{bench.name}/{e.name}", Run(_imported_dir(req, bench, e)),
-                               bench, e, req.rescore) for e in bench.checkpoints]
+                               bench, e, req.rescore, ctx) for e in bench.checkpoints]
     return [_plan_one(cfg, default_run_dir(cfg, req.runs_root), req.rescore)
             for cfg in _run_configs(req)[1]]
 
 
 def _plan_imported(label: str, run: Run, bench: BenchmarkConfig, entry: CheckpointEntry,
-                   rescore: bool) -> RunPlan:
+                   rescore: bool, ctx: DataContext) -> RunPlan:
+    try:
+        path = resolve_checkpoint(entry, ctx.root)
+    except OodbenchError as e:
+        return RunPlan(label, run.path, e.message, ("stop with exit 2",))
     if not run.checkpoint_path.exists():
         return RunPlan(label, run.path, "not imported", ("import", "calibrate", "score"))
     try:
         ckpt = load_checkpoint(run.checkpoint_path)
         if not ckpt.get("imported"):
             return RunPlan(label, run.path, "holds weights trained here", ("stop with exit 2",))
+        if imported_sha256(run) != file_sha256(path):
+            return RunPlan(label, run.path, f"holds other weights than {path}",
+                           ("stop with exit 2",))
         if not _same_import(run, bench, entry):
             return RunPlan(label, run.path, "holds another configuration", ("stop with exit 2",))
         return _plan_finished(label, run, ckpt, rescore, run.in_use(), "imported")

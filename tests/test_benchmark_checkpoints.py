@@ -99,12 +99,41 @@ def test_training_options_are_refused(tmp_path: Path):
     assert r.exit_code == 2 and "drop --loss" in r.output
 
 
+def other_weights(path: Path) -> None:
+    """An akamaster file with weights unlike `fake_akamaster`'s."""
+    fake_akamaster(path)
+    raw = torch.load(path, weights_only=True)
+    raw["state_dict"]["module.linear.bias"] += 1.0
+    torch.save(raw, path)
+
+
+def test_weights_are_recognised_by_content_not_path(tmp_path: Path):
+    bench = bench_file(tmp_path)
+    assert run(tmp_path, bench).exit_code == 0
+    # the same file under another data root: the same weights, kept
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "data").rename(moved)
+    r = invoke("run", bench, "--runs-root", tmp_path / "runs", "--data-root", moved,
+               "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "importing" not in r.output and "scored tiny-pre/resnet20: kept" in r.output
+    # other weights at the same path: refused by `run` and flagged by --dry-run alike
+    other_weights(moved / "models" / "resnet20-12fca82f.th")
+    r = invoke("run", bench, "--runs-root", tmp_path / "runs", "--data-root", moved,
+               "--device", "cpu", "--dry-run")
+    assert "holds other weights" in r.output and "stop with exit 2" in r.output
+    r = invoke("run", bench, "--runs-root", tmp_path / "runs", "--data-root", moved,
+               "--device", "cpu")
+    assert r.exit_code == 2
+    assert "holds other weights" in r.output and "another `name:`" in r.output
+
+
 def test_a_folder_holding_other_weights_or_config_is_not_overwritten(tmp_path: Path):
     bench = bench_file(tmp_path)
     assert run(tmp_path, bench).exit_code == 0
     other = tmp_path / "data" / "models" / "other" / "resnet20-b.th"
     other.parent.mkdir()
-    fake_akamaster(other)
+    other_weights(other)
     moved = bench_file(tmp_path, checkpoints=[{"model": "resnet20",
                                                "path": "models/other/resnet20-b.th"}])
     r = run(tmp_path, moved)
