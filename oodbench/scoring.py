@@ -126,6 +126,7 @@ def build_detectors(names: list[str], params: dict[str, dict[str, Any]] | None =
     if unknown:
         raise OodbenchError(f"hyperparameters given for detector(s) not scored: {sorted(unknown)}",
                             "add them with --detector, or fix the name before the dot")
+    _refuse_unsupported_selection(names, params, selection)
     dets = {}
     for n in dict.fromkeys(names):
         hp = dict(params.get(n, {}))
@@ -139,6 +140,25 @@ def build_detectors(names: list[str], params: dict[str, dict[str, Any]] | None =
         raise OodbenchError(f"--selection / --oracle given, but none of {names} selects anything",
                             f"selection applies to {', '.join(able)}")
     return dets
+
+
+def _refuse_unsupported_selection(names: list[str], params: dict[str, dict[str, Any]],
+                                  selection: str | None) -> None:
+    """`--selection MODE` given to detectors that select, but not in MODE (e.g. `id` for the
+    grid detectors: see `GRID_SELECTION_MODES`): one error naming them all."""
+    if selection is None or selection == ORACLE_MODE:
+        return
+    unable = [n for n in dict.fromkeys(names) if DETECTORS.get(n).selection_modes
+              and selection not in DETECTORS.get(n).selection_modes
+              and "selection" not in params.get(n, {})]
+    if unable:
+        modes = sorted({m for n in unable for m in DETECTORS.get(n).selection_modes})
+        raise OodbenchError(
+            f"--selection {selection}: {', '.join(unable)} cannot select that way (a grid "
+            "hyperparameter moves the mean in-distribution score by construction, so `id` "
+            "would rank scales, not detection)",
+            f"give them one of {', '.join(modes)} with -p NAME.selection=MODE, or score them "
+            "in a separate command")
 
 
 def plan(detectors: dict[str, Detector], block_names: tuple[str, ...],

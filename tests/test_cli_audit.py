@@ -74,6 +74,10 @@ def test_score_typos_are_exit_2_and_an_unreadable_metrics_file_is_announced(tiny
     run = tmp_path / "runs" / "tiny-digits" / "dismax-seed0"
     r = invoke("score", run, "--selection", "bogus")
     assert r.exit_code == 2 and "none, id, fgsm, ood" in r.output
+    r = invoke("score", run, "-d", "knn", "-d", "react", "-d", "odin", "--selection", "id")
+    assert r.exit_code == 2, r.output
+    said = " ".join(r.output.split())
+    assert "knn, react cannot select that way" in said and "fgsm, none, ood" in said
     assert invoke("score", run, "-d", "msp", "-d", "energy").exit_code == 0
 
     r = invoke("score", run, "--forget", "bogus")
@@ -106,3 +110,22 @@ def test_a_pipe_closed_by_its_reader_exits_141_not_1(monkeypatch):
         _Console(file=ClosedPipe()).print("a table")
     assert e.value.code == SIGPIPE_EXIT == 141
 
+
+
+def test_out_of_range_subspace_sizes_given_by_the_user_are_exit_2_and_keep_results(
+        tiny_benchmark, tmp_path):
+    """vim.dim ≥ D and neco.d ≥ D (every NECO ratio is then exactly 1) given with -p: bad
+    input, exit 2, and the detector's earlier valid results stay in metrics.json."""
+    assert invoke("train", "--benchmark", tiny_benchmark, "--loss", "softmax").exit_code == 0
+    run = tmp_path / "runs" / "tiny-digits" / "softmax-seed0"
+    assert invoke("score", run, "-d", "vim").exit_code == 0
+    before = json.loads((run / "metrics.json").read_text())["detectors"]["vim"]
+    r = invoke("score", run, "-d", "vim", "-p", "vim.dim=500")
+    assert r.exit_code == 2 and "must be in [1, D) for feature dimension D = 128" in r.output
+    assert json.loads((run / "metrics.json").read_text())["detectors"]["vim"] == before
+    r = invoke("score", run, "-d", "neco", "-p", "neco.d=128")
+    assert r.exit_code == 2 and "must be below the feature dimension D = 128" in r.output
+    r = invoke("score", run, "-d", "neco", "--selection", "fgsm")  # the grid's 128: no candidate
+    assert r.exit_code == 0, r.output
+    neco = json.loads((run / "metrics.json").read_text())["detectors"]["neco"]
+    assert neco["hparams"]["d"] != 128

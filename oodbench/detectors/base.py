@@ -31,7 +31,7 @@ Generic grid selection: a detector that declares `grid` (hyperparameter → cand
 a `selection` hyperparameter inherits `Detector.select`: every point of the cartesian product of
 the grid is set as `selected`, `val` and the negatives are scored from their CACHED outputs (no
 forward pass per grid point; the FGSM stand-in is computed once) and the best point is chosen
-with `gradients.choose` ("id": mean in-distribution score, "fgsm" / "ood": AUROC). A grid
+with `gradients.choose` ("fgsm" / "ood": AUROC; no "id": see GRID_SELECTION_MODES). A grid
 hyperparameter the user gave explicitly is held fixed (searched over its one given value).
 `select` never sees train data again: grid hyperparameters must be derivable from what `fit`
 stored (e.g. ReAct keeps a fixed-size sample of train activations, so every percentile of the
@@ -77,7 +77,10 @@ if TYPE_CHECKING:
     from oodbench.models.base import ModelOutput
 
 NEEDS = frozenset({"logits", "features", "blocks", "grad", "head"})
-GRID_SELECTION_MODES = ("none", "id", "fgsm", "ood")
+# no "id": the mean in-distribution score moves with a grid hyperparameter by construction
+# (knn's k-th distance grows with k, ReAct's energy with the clip), so it ranks scales, not
+# detection; ODIN's ε (the one hyperparameter it can rank) keeps its own "id" mode
+GRID_SELECTION_MODES = ("none", "fgsm", "ood")
 ORACLE_MODE = "oracle"  # selection on an OOD TEST set: only with oracle=True, labelled as such
 SEARCH_SAMPLES = 1000  # validation (and negative) samples a grid selection scores at most
 

@@ -559,7 +559,15 @@ class NECO(Detector):
         if d == 0:
             d = int(torch.searchsorted(self.explained, torch.tensor(NECO_VARIANCE,
                                                                    dtype=torch.float64))) + 1
-        return min(d, self.components.shape[1])
+        full = self.components.shape[1]
+        if d >= full and self.params["d"]:  # all D directions: every ratio is exactly 1
+            problem = (f"neco.d = {d} must be below the feature dimension D = {full} (with all "
+                       "D directions every sample scores 1)")
+            if "d" in self.given:  # the user's value: bad input (exit 2), nothing written
+                raise OodbenchError(problem, "pass a smaller -p neco.d, or 0 (90 % of the "
+                                    "train variance)")
+            raise NotApplicable("neco", problem)  # a grid point: not a candidate
+        return min(d, full)
 
     def score(self, data: DetectorInput) -> np.ndarray:
         assert self.components is not None and self.centre is not None

@@ -33,6 +33,7 @@ from oodbench.detectors.streaming import (
     logits_of,
     rows,
 )
+from oodbench.errors import OodbenchError
 
 
 def auto_dim(d: int) -> int:
@@ -91,8 +92,10 @@ class ViM(Detector):
         d = len(self.u)
         k = int(self.params["dim"]) or auto_dim(d)
         if not 1 <= k < d:
-            raise NotApplicable("vim", f"vim.dim = {k} must be in [1, D) for feature dimension "
-                                f"D = {d} (pass e.g. -p vim.dim={auto_dim(d) or 1})")
+            problem = f"vim.dim = {k} must be in [1, D) for feature dimension D = {d}"
+            if "dim" in self.given:  # the user's value: bad input (exit 2), nothing written
+                raise OodbenchError(problem, f"pass e.g. -p vim.dim={auto_dim(d) or 1}")
+            raise NotApplicable("vim", problem)  # a grid point or the automatic choice
         return k
 
     @property
