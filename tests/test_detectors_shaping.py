@@ -315,3 +315,10 @@ def test_activation_sample_is_exact_when_small_and_bounded_otherwise(monkeypatch
     monkeypatch.setattr(sh, "CHUNK", 4096)
     s = sh.activation_sample(big, size=20000)
     assert abs(np.percentile(s, 90) - np.percentile(big, 90)) < 0.01
+
+
+def test_dice_keeping_no_weight_is_refused() -> None:
+    """p = 100: no contribution exceeds its own maximum, every weight is dropped and every
+    sample would get the same score."""
+    with pytest.raises(OodbenchError, match="keeps no weight"):
+        _fitted("dice", p=100.0)(_inp(F))

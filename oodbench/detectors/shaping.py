@@ -421,7 +421,14 @@ class DICE(_HeadDetector):
     def mask(self, w: torch.Tensor) -> torch.Tensor:
         assert self.mean is not None, "fit first"
         contrib = w * self.mean
-        return contrib > float(np.percentile(contrib.numpy(), self.params["p"]))
+        keep = contrib > float(np.percentile(contrib.numpy(), self.params["p"]))
+        if not keep.any():  # e.g. p = 100: every sample would score the bias's energy alone
+            problem = (f"dice.p = {self.params['p']:g} keeps no weight of the head (no "
+                       "contribution exceeds that percentile)")
+            if "p" in self.given:
+                raise OodbenchError(problem, "pass a smaller -p dice.p (the paper's is 90)")
+            raise NotApplicable("dice", problem)
+        return keep
 
     def score(self, data: DetectorInput) -> np.ndarray:
         w, b = self.linear_head(data)
