@@ -882,7 +882,7 @@ def _detector_table(what: str) -> Any:
     from oodbench.console import out
 
     rows = detector_rows()
-    title = "n/a: refuses a prototype head; loss × detector grid: list detectors --markdown"
+    title = "n/a: refuses a prototype head; per loss: list detectors --markdown"
     if out.width < 140:
         blocks: list[Any] = [Text(f"{what} ({title})", style="bold")]
         for r in rows:
