@@ -6,7 +6,7 @@ which config.py, below the registries, cannot do."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -155,10 +155,10 @@ def load_outliers(cfg: RunConfig, ctx: DataContext) -> ImageSet:
             "disjoint from every OOD test set)")
     data, transform = load_ood(cfg, OODSet(o.dataset, name="outliers", split=o.split,
                                            adapt=o.adapt), ctx)
-    tests = [(f"OOD test set {t.name!r}", load_ood(cfg, t, ctx)[0]) for t in cfg.benchmark.ood]
-    tests += [(f"in-distribution {split} split ({cfg.benchmark.dataset})",
-               load_in_distribution(cfg, split, ctx)) for split in ("test", "val", "train")]
-    check_outliers_disjoint(f"{o.dataset} ({o.split})", data, tests)
+    tests = [(f"OOD test set {t.name!r}", load_ood(cfg, t, ctx)[0].image_hashes())
+             for t in cfg.benchmark.ood]
+    check_outliers_disjoint(f"{o.dataset} ({o.split})", data,
+                            tests + in_distribution_holdout(cfg, ctx))
     images = data.images
     if transform.size is not None or transform.channels is not None:
         images = torch.cat([(transform.adapt(images[s:s + 4096].float() / 255.0) * 255.0)
@@ -167,55 +167,70 @@ def load_outliers(cfg: RunConfig, ctx: DataContext) -> ImageSet:
     return ImageSet(f"outliers-{o.dataset}", images, torch.full((len(data),), -1), data.info)
 
 
-def check_outliers_disjoint(label: str, outliers: ImageSet,
-                            tests: list[tuple[str, ImageSet]]) -> None:
-    """Refuse auxiliary outliers that share an image (by content) with a set scored later."""
-    mine = outliers.image_hashes()
-    for name, t in tests:
-        shared = len(mine & t.image_hashes())
+def first_shared(mine: set[bytes], against: Iterable[tuple[str, set[bytes]]]
+                 ) -> tuple[str, int] | None:
+    """The first named set of `against` sharing an image hash with `mine`, and how many: the
+    one "disjoint by content" test of outliers, OOD test and OOD validation sets."""
+    for name, hashes in against:
+        shared = len(mine & hashes)
         if shared:
-            raise OodbenchError(
-                f"auxiliary outlier set {label} shares {shared} image(s) with the {name} "
-                "(compared by content); training on them as outliers would leak or contradict "
-                "that set",
-                "name an outlier set disjoint from the in-distribution data and every test "
-                "set in the benchmark's `outliers:` (another dataset or split, e.g. "
-                "`outliers: {dataset: blobs}`)")
+            return name, shared
+    return None
 
 
-def in_distribution_holdout(cfg: RunConfig, ctx: DataContext) -> list[tuple[str, set[bytes]]]:
+def check_outliers_disjoint(label: str, outliers: ImageSet,
+                            against: list[tuple[str, set[bytes]]]) -> None:
+    """Refuse auxiliary outliers that share an image (by content) with a set scored or trained
+    on (`against`: names and image hashes)."""
+    if found := first_shared(outliers.image_hashes(), against):
+        name, shared = found
+        raise OodbenchError(
+            f"auxiliary outlier set {label} shares {shared} image(s) with the {name} "
+            "(compared by content); training on them as outliers would leak or contradict "
+            "that set",
+            "name an outlier set disjoint from the in-distribution data and every test "
+            "set in the benchmark's `outliers:` (another dataset or split, e.g. "
+            "`outliers: {dataset: blobs}`)")
+
+
+ID_SPLITS = ("test", "val", "train")  # the order the overlap errors name them in
+
+
+def in_distribution_holdout(cfg: RunConfig, ctx: DataContext,
+                            loaded: Mapping[str, ImageSet] | None = None
+                            ) -> list[tuple[str, set[bytes]]]:
     """Content hashes of the in-distribution splits no OOD set (test or validation) may share an
     image with: the test split, scored as in-distribution, the validation split that
     calibration and selection use, and the training split the model learnt as in-distribution,
     each exactly as `load_in_distribution` makes it (restricted to the benchmark's classes;
     val carved out of train by `val_fraction` when the dataset has no val split). An image on
-    both sides would be scored, tuned on or trained on as in-distribution and scored as OOD."""
+    both sides would be scored, tuned on or trained on as in-distribution and scored as OOD.
+    `loaded`: splits the caller already holds, hashed instead of loaded again."""
+    loaded = loaded or {}
     return [(f"in-distribution {split} split ({cfg.benchmark.dataset})",
-             load_in_distribution(cfg, split, ctx).image_hashes())
-            for split in ("test", "val", "train")]
+             (loaded[split] if split in loaded else load_in_distribution(cfg, split, ctx))
+             .image_hashes()) for split in ID_SPLITS]
 
 
 def check_ood_test_set(data: ImageSet, held: list[tuple[str, set[bytes]]]) -> ImageSet:
     """Refuse an OOD test set that shares an image (by content) with an in-distribution split of
     `held` (`in_distribution_holdout`): e.g. the in-distribution dataset's val split, all its
     classes, or classes overlapping the in-distribution ones. Returns `data`."""
-    mine = data.image_hashes()
-    for name, hashes in held:
-        shared = len(mine & hashes)
-        if shared:
-            raise OodbenchError(
-                f"OOD test set {data.name!r} shares {shared} image(s) with the {name} "
-                "(compared by content); they would count as both in-distribution and OOD",
-                f"take {data.name!r} from another dataset or split, or give its entry `classes:` "
-                "disjoint from the in-distribution classes (as benchmark digits-near does)")
+    if found := first_shared(data.image_hashes(), held):
+        name, shared = found
+        raise OodbenchError(
+            f"OOD test set {data.name!r} shares {shared} image(s) with the {name} "
+            "(compared by content); they would count as both in-distribution and OOD",
+            f"take {data.name!r} from another dataset or split, or give its entry `classes:` "
+            "disjoint from the in-distribution classes (as benchmark digits-near does)")
     return data
 
 
 def check_benchmark_sets(cfg: RunConfig, ctx: DataContext) -> None:
     """Load every set the run will train on or score (in-distribution train / val / test and
     each OOD entry, exactly as training and scoring load them) and check its shape, and that
-    no OOD set shares an image with the in-distribution test or validation split, raising one
-    error that lists every problem.
+    no OOD set shares an image with an in-distribution split, raising one error that lists
+    every problem.
 
     Run before a run folder is created: an empty OOD folder, a file that is not an image or a
     wrong-shaped set otherwise surfaces only at `score`, after training, when the run's config
@@ -233,10 +248,11 @@ def check_benchmark_sets(cfg: RunConfig, ctx: DataContext) -> None:
 
     bench = cfg.benchmark
     if attempt(f"in-distribution {bench.dataset!r}", lambda: _in_distribution_ok(cfg)):
+        splits: dict[str, ImageSet] = {}
         loaded = [attempt(f"in-distribution {split} split ({bench.dataset})",
-                          lambda split=split: _split_ok(cfg, split, ctx))
+                          lambda split=split: splits.update({split: _split_ok(cfg, split, ctx)}))
                   for split in ("train", "val", "test")]
-        held = in_distribution_holdout(cfg, ctx) if all(loaded) else []
+        held = in_distribution_holdout(cfg, ctx, splits) if all(loaded) else []
         for o in bench.ood:
             attempt(f"OOD set {o.name!r}" + (f" ({o.dataset})" if o.name != o.dataset else ""),
                     lambda o=o: check_ood_test_set(load_ood(cfg, o, ctx)[0], held))
@@ -256,9 +272,10 @@ def _in_distribution_ok(cfg: RunConfig) -> DatasetInfo:
     return info
 
 
-def _split_ok(cfg: RunConfig, split: str, ctx: DataContext) -> None:
+def _split_ok(cfg: RunConfig, split: str, ctx: DataContext) -> ImageSet:
     """One in-distribution split loads and matches the shape and classes the model is built
-    for (a `folder:` set's train/ and test/ may disagree; the model follows the first)."""
+    for (a `folder:` set's train/ and test/ may disagree; the model follows the first).
+    Returns it."""
     like = in_distribution_info(cfg)
     data = load_in_distribution(cfg, split, ctx)
     expected = (like.channels, like.image_size, like.image_size)
@@ -274,6 +291,7 @@ def _split_ok(cfg: RunConfig, split: str, ctx: DataContext) -> None:
             f"{cfg.benchmark.dataset} {split}: classes {list(data.info.class_names)} differ "
             f"from the model's {list(like.class_names)}",
             "give every split of the in-distribution dataset the same class folders")
+    return data
 
 
 def _data_problems(benchmark: str, problems: list[tuple[list[str], OodbenchError]]

@@ -52,7 +52,9 @@ from oodbench.detectors.gradients import frozen
 from oodbench.distributed import all_sum, joined_world, on_main
 from oodbench.errors import OodbenchError
 from oodbench.experiment import (
+    ID_SPLITS,
     check_ood_test_set,
+    first_shared,
     in_distribution_holdout,
     in_distribution_info,
     load_in_distribution,
@@ -247,10 +249,12 @@ def load_sets(cfg: RunConfig, p: Plan, ctx: DataContext, device: torch.device) -
     (and shape-checked) before any detector runs."""
     tf = InputTransform.for_model(in_distribution_info(cfg))
 
-    def split(name: str) -> EvalSet:
-        return EvalSet(load_in_distribution(cfg, name, ctx).to(device), tf, name)
+    splits = {name: load_in_distribution(cfg, name, ctx) for name in ID_SPLITS}
 
-    held = in_distribution_holdout(cfg, ctx)  # no OOD image may be in an ID split
+    def split(name: str) -> EvalSet:
+        return EvalSet(splits[name].to(device), tf, name)
+
+    held = in_distribution_holdout(cfg, ctx, splits)  # no OOD image may be in an ID split
     ood = []
     for o in cfg.benchmark.ood:
         data, otf = load_ood(cfg, o, ctx)
@@ -311,17 +315,15 @@ def check_disjoint(val: EvalSet, tests: list[EvalSet],
     """Refuse OOD validation data that shares an image (by content) with any test set, or with
     an in-distribution split of `held` (`in_distribution_holdout`: the test, validation and
     training splits, where those images are the in-distribution side)."""
-    mine = val.data.image_hashes()
     against = [(f"test set {t.name!r}", t.data.image_hashes()) for t in tests]
-    for name, hashes in [*against, *held]:
-        shared = len(mine & hashes)
-        if shared:
-            raise OodbenchError(
-                f"OOD validation set {val.name!r} shares {shared} image(s) with the {name} "
-                "(compared by content)",
-                "validate on data disjoint from every test set and from the in-distribution "
-                "splits: pass another dataset to --ood-validation (or give the benchmark's OOD "
-                "entries for it `classes:` disjoint from the in-distribution classes)")
+    if found := first_shared(val.data.image_hashes(), [*against, *held]):
+        name, shared = found
+        raise OodbenchError(
+            f"OOD validation set {val.name!r} shares {shared} image(s) with the {name} "
+            "(compared by content)",
+            "validate on data disjoint from every test set and from the in-distribution "
+            "splits: pass another dataset to --ood-validation (or give the benchmark's OOD "
+            "entries for it `classes:` disjoint from the in-distribution classes)")
 
 
 # ------------------------------------------------------------------------------ the loaded model
