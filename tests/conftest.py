@@ -38,6 +38,20 @@ def tiny_benchmark(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's in-process work: on the shared 2-core machine this is
+    several times faster than oversubscribed threads for tiny tensors (and it is what each
+    torchrun process has, OMP_NUM_THREADS=1). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test runs in its own folder, so default runs/ and data/cache never leak."""

@@ -16,15 +16,7 @@ from oodbench.detectors import DETECTORS, Detector, DetectorInput, create
 from oodbench.experiment import build_model, load_in_distribution
 from oodbench.runs import Run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine this is several times faster than
-    oversubscribed threads for these tiny tensors."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

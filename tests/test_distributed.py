@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +36,7 @@ EPOCHS = 4
 STEPS_PER_EPOCH = 16  # digits: 1068 training images, batches of 64, the ragged one dropped
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """In-process work on one thread, as each torchrun process has (OMP_NUM_THREADS=1): two
-    threads on a busy 2-core machine spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env() -> dict[str, str]:

@@ -26,12 +26,7 @@ TEST_FIX = "from another dataset or split, or give its entry `classes:` disjoint
 VALIDATION_FIX = "pass another dataset to --ood-validation"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(*args):

@@ -53,11 +53,17 @@ def caption(markdown: str, title_part: str) -> str:
     return next(x for x in lines[start:] if x.startswith("_"))
 
 
-def test_compare_names_the_rows_it_cannot_pair(tmp_path: Path):
-    a, b = two_sides(tmp_path)
-    res = invoke("--compare", a, b, "--metric", "auroc", "-d", "msp", "-f", "markdown",
+def compare_markdown(a: Path, b: Path, detector: str):
+    """`report --compare A B` of one detector's AUROC as Markdown, checked to exit 0."""
+    res = invoke("--compare", a, b, "--metric", "auroc", "-d", detector, "-f", "markdown",
                  "--no-write")
     assert res.exit_code == 0, res.output
+    return res
+
+
+def test_compare_names_the_rows_it_cannot_pair(tmp_path: Path):
+    a, b = two_sides(tmp_path)
+    res = compare_markdown(a, b, "msp")
     # the only row shown is dismax msp, of seeds 0 and 1 on both sides (not the groups' 0-2)
     assert caption(res.stdout, "AUROC") == (
         f"_A: 2 seeds [0, 1], B: 2 seeds [0, 1]; not compared (no row of that name on the other "
@@ -75,9 +81,7 @@ def test_compare_names_the_rows_it_cannot_pair(tmp_path: Path):
 
 def test_compare_caption_gives_each_loss_its_seeds(tmp_path: Path):
     a, b = two_sides(tmp_path)
-    res = invoke("--compare", a, b, "--metric", "auroc", "-d", "mmles", "-f", "markdown",
-                 "--no-write")
-    assert res.exit_code == 0, res.output
+    res = compare_markdown(a, b, "mmles")
     assert caption(res.stdout, "AUROC") == (
         "_A: 2 seeds [0, 1] (dismax), 3 seeds [0, 1, 2] (softmax); "
         "B: 2 seeds [0, 1] (dismax), 3 seeds [0, 1, 2] (softmax)_")
