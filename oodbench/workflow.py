@@ -254,24 +254,27 @@ def imported_runs(req: BenchmarkRequest, bench: BenchmarkConfig, ctx: DataContex
         if not run.checkpoint_path.exists():
             say(f"importing {path} ({entry.model}) → {run.path}")
             run = import_checkpoint(path, entry.model, req.benchmark, run.path, entry.seed)[0]
-        elif imported_sha256(run) != file_sha256(path):  # by content: the data root may move
-            raise OodbenchError(
-                f"{run.path} holds other weights than checkpoint {entry.name!r} "
-                f"({path}): {_held_source(run)}",
-                "move that folder away, or give the entry another `name:`")
-        elif not _same_import(run, bench, entry):
-            raise OodbenchError(
-                f"{run.path} holds {entry.name!r} imported with another configuration (the "
-                "benchmark's model, detectors, sets or options changed since)",
-                "delete that folder to import and score it again")
+        elif problem := _import_problem(run, bench, entry, path):
+            raise OodbenchError(f"{run.path} {problem[0]}", problem[1])
         runs.append(run)
     return runs
 
 
-def _held_source(run: Run) -> str:
-    source = imported_from(run)
-    return (f"weights imported from {source} (a file with other contents)" if source else
-            "weights trained here")
+def _import_problem(run: Run, bench: BenchmarkConfig, entry: CheckpointEntry,
+                    path: Path) -> tuple[str, str] | None:
+    """Why an existing folder cannot serve as `entry`'s run (what it holds, the fix), or None:
+    `run` stops on it and `run --dry-run` shows it, so both judge alike."""
+    if imported_sha256(run) != file_sha256(path):  # by content: the data root may move
+        source = imported_from(run)
+        held = (f"weights imported from {source} (a file with other contents)" if source else
+                "weights trained here")
+        return (f"holds other weights than checkpoint {entry.name!r} ({path}): {held}",
+                "move that folder away, or give the entry another `name:`")
+    if not _same_import(run, bench, entry):
+        return (f"holds another configuration: {entry.name!r} imported under a benchmark "
+                "whose model, detectors, sets or options have changed since",
+                "delete that folder to import and score it again")
+    return None
 
 
 def _same_import(run: Run, bench: BenchmarkConfig, entry: CheckpointEntry) -> bool:
@@ -318,15 +321,10 @@ def _plan_imported(label: str, run: Run, bench: BenchmarkConfig, entry: Checkpoi
     if not run.checkpoint_path.exists():
         return RunPlan(label, run.path, "not imported", ("import", "calibrate", "score"))
     try:
-        ckpt = load_checkpoint(run.checkpoint_path)
-        if not ckpt.get("imported"):
-            return RunPlan(label, run.path, "holds weights trained here", ("stop with exit 2",))
-        if imported_sha256(run) != file_sha256(path):
-            return RunPlan(label, run.path, f"holds other weights than {path}",
-                           ("stop with exit 2",))
-        if not _same_import(run, bench, entry):
-            return RunPlan(label, run.path, "holds another configuration", ("stop with exit 2",))
-        return _plan_finished(label, run, ckpt, rescore, run.in_use(), "imported")
+        if problem := _import_problem(run, bench, entry, path):
+            return RunPlan(label, run.path, problem[0], ("stop with exit 2",))
+        return _plan_finished(label, run, load_checkpoint(run.checkpoint_path), rescore,
+                              run.in_use(), "imported")
     except OodbenchError as e:
         return RunPlan(label, run.path, f"unreadable: {e}", ("stop with exit 2",))
 
