@@ -123,6 +123,13 @@ def classification_table(g: dict[str, Any]) -> TableModel:
     return t
 
 
+# the classification table's columns (but T) → where report.json keeps each one's seed count
+_CLASSIFICATION_CELLS = {"accuracy": ("uncalibrated", "accuracy"),
+                         "ECE": ("uncalibrated", "ece"), "NLL": ("uncalibrated", "nll"),
+                         "ECE calibrated": ("calibrated", "ece"),
+                         "NLL calibrated": ("calibrated", "nll")}
+
+
 def _fewer_classification_seeds(g: dict[str, Any]) -> str:
     """The classification columns a loss has over fewer seeds than the loss has (the calibrated
     ones when only some seeds were scored with a calibration): the caption's seed count would
@@ -130,11 +137,8 @@ def _fewer_classification_seeds(g: dict[str, Any]) -> str:
     notes = []
     for loss, c in g["classification"].items():
         n = len(c.get("seeds", g["seeds"]))
-        cells = {"accuracy": ("uncalibrated", "accuracy"), "ECE": ("uncalibrated", "ece"),
-                 "NLL": ("uncalibrated", "nll"), "ECE calibrated": ("calibrated", "ece"),
-                 "NLL calibrated": ("calibrated", "nll")}
         counts = {name: c.get(state, {}).get(k, {}).get("n", n) for name, (state, k)
-                  in cells.items()}
+                  in _CLASSIFICATION_CELLS.items()}
         counts["T"] = c.get("temperature", {}).get("n", n)
         by_count: dict[int, list[str]] = {}
         for name, m in counts.items():
